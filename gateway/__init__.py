@@ -1,0 +1,3 @@
+"""The bessgw daemon: configuration, control, supervision, service and commissioning CLI."""
+
+__version__ = "0.1.0"

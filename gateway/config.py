@@ -1,0 +1,281 @@
+"""Site configuration: one TOML file, parsed with tomllib and validated with pydantic.
+
+Every model forbids unknown keys, so a misspelt key is an error and never a
+silent default. :func:`load_config` collects every problem in the file and
+raises one :class:`ConfigError` that lists them all, each with its key path,
+the value found, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/bessgw/bessgw.toml")
+
+Role = Literal["grid_meter", "rack_meter", "renewable_meter", "facility_meter", "pcs", "bms"]
+METER_ROLES = ("grid_meter", "rack_meter", "renewable_meter", "facility_meter")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, is not TOML, or breaks the schema.
+
+    ``problems`` holds one line per error, ready to print.
+    """
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} configuration error(s):\n" + "\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class TcpTransport(_Strict):
+    """Modbus TCP, or an RTU-over-TCP serial gateway."""
+
+    kind: Literal["tcp"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+
+
+class RtuTransport(_Strict):
+    """Modbus RTU on an RS-485 bus; several devices may share one ``device``."""
+
+    kind: Literal["rtu"]
+    #: Serial device (``/dev/ttyUSB0``) or a pyserial URL (``socket://127.0.0.1:4001``).
+    device: str = Field(min_length=1)
+    baud: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stop_bits: Literal[1, 2] = 1
+
+
+class CanTransport(_Strict):
+    """A CAN link read with python-can."""
+
+    kind: Literal["can"]
+    #: python-can interface name: ``socketcan``, ``slcan``, ``virtual``.
+    interface: Literal["socketcan", "slcan", "virtual"]
+    #: ``can0`` for socketcan, a serial device or ``socket://`` URL for slcan, any name for virtual.
+    channel: str = Field(min_length=1)
+    bitrate: int = Field(default=500_000, ge=10_000, le=1_000_000)
+
+
+Transport = Annotated[TcpTransport | RtuTransport | CanTransport, Field(discriminator="kind")]
+
+
+class Device(_Strict):
+    """One physical device on a link."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Role
+    #: Built-in profile name (``drivers/profiles/NAME.toml``) or a path to a TOML profile.
+    profile: str = Field(min_length=1)
+    transport: Transport
+    unit_id: int = Field(default=1, ge=0, le=247)
+    poll_period_ms: int = Field(default=1000, ge=10, le=3_600_000)
+    timeout_ms: int = Field(default=1000, ge=10, le=60_000)
+    #: A value older than this is STALE; default three poll periods.
+    stale_ms: int | None = Field(default=None, ge=10, le=3_600_000)
+    #: PCS only: the unit's rated active power, which caps every setpoint.
+    rated_kw: float | None = Field(default=None, gt=0)
+    #: BMS only: hardware ceiling for charge and discharge current limits.
+    max_current_a: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> Device:
+        if self.role == "bms" and self.transport.kind != "can":
+            raise ValueError(
+                f"device {self.name!r} has role 'bms' but transport kind "
+                f"{self.transport.kind!r}; a BMS is read over CAN: set transport.kind = 'can'"
+            )
+        if self.role != "bms" and self.transport.kind == "can":
+            raise ValueError(
+                f"device {self.name!r} has transport kind 'can' but role {self.role!r}; "
+                "only role 'bms' is read over CAN"
+            )
+        if self.role == "pcs" and self.rated_kw is None:
+            raise ValueError(
+                f"device {self.name!r} is a PCS without rated_kw; "
+                "set rated_kw to the unit's nameplate active power in kW"
+            )
+        return self
+
+    @property
+    def effective_stale_ms(self) -> int:
+        return self.stale_ms if self.stale_ms is not None else 3 * self.poll_period_ms
+
+
+class Control(_Strict):
+    """Parameters of the fast control law. Powers in kW, ramps in kW/s."""
+
+    rate_hz: int = Field(default=1000, ge=100, le=2000)
+    #: Peak-shaving cap on grid import.
+    grid_cap_kw: float = Field(gt=0)
+    #: Floor on grid import; negative allows export down to that value.
+    grid_floor_kw: float = 0.0
+    #: Largest rate of change of grid power the battery tries to hold.
+    ramp_limit_kw_per_s: float = Field(default=50.0, gt=0)
+    #: Time constant of the low-pass that defines the smooth grid target.
+    smoothing_tau_s: float = Field(default=5.0, ge=0)
+    soc_hard_min_pct: float = Field(default=5.0, ge=0, le=100)
+    soc_soft_min_pct: float = Field(default=15.0, ge=0, le=100)
+    soc_soft_max_pct: float = Field(default=90.0, ge=0, le=100)
+    soc_hard_max_pct: float = Field(default=97.0, ge=0, le=100)
+    #: Setpoint changes smaller than this are not written to the PCS.
+    deadband_kw: float = Field(default=1.0, ge=0)
+    #: Per-unit slew limit of the setpoint.
+    unit_slew_kw_per_s: float = Field(default=1000.0, gt=0)
+    #: Run the numpy loop when the C extension is missing. Off by default: the
+    #: Python loop cannot hold 1 kHz timing.
+    allow_python_fallback: bool = False
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> Control:
+        band = (self.soc_hard_min_pct, self.soc_soft_min_pct, self.soc_soft_max_pct, self.soc_hard_max_pct)
+        if not all(a < b for a, b in zip(band, band[1:])):
+            raise ValueError(
+                "SoC band must satisfy soc_hard_min_pct < soc_soft_min_pct < soc_soft_max_pct "
+                f"< soc_hard_max_pct; got {band[0]} < {band[1]} < {band[2]} < {band[3]}"
+            )
+        if self.grid_floor_kw >= self.grid_cap_kw:
+            raise ValueError(
+                f"grid_floor_kw ({self.grid_floor_kw}) must be below grid_cap_kw ({self.grid_cap_kw})"
+            )
+        return self
+
+
+SafeAction = Literal["hold", "ramp_to_zero", "disable"]
+
+
+class Safety(_Strict):
+    """Reaction per fault class, and the limits that trigger them."""
+
+    meter_stale_ms: int = Field(default=500, ge=10, le=60_000)
+    bms_stale_ms: int = Field(default=5000, ge=100, le=600_000)
+    #: Consistent BMS frame sets needed after silence before non-zero power is allowed.
+    bms_recovery_frame_sets: int = Field(default=3, ge=1, le=100)
+    on_meter_stale: SafeAction = "ramp_to_zero"
+    on_bms_fault: SafeAction = "ramp_to_zero"
+    on_soc_hard_limit: SafeAction = "ramp_to_zero"
+    on_limit_breach: SafeAction = "ramp_to_zero"
+    on_pcs_fault: SafeAction = "disable"
+    on_estop: SafeAction = "disable"
+    #: Ramp used by ``ramp_to_zero``.
+    safe_ramp_kw_per_s: float = Field(default=500.0, gt=0)
+    #: PCS reversion timer: the PCS falls back to 0 kW this long after the last command.
+    pcs_revert_s: float = Field(default=2.0, ge=0.1, le=600)
+    #: Failed writes in a row before a PCS is declared faulted.
+    pcs_write_budget: int = Field(default=3, ge=1, le=20)
+
+
+class Service(_Strict):
+    """Where the daemon keeps state and what it exposes."""
+
+    state_dir: str = "/var/lib/bessgw"
+    api_socket: str = "/run/bessgw/api.sock"
+    #: Prometheus listener; the default binds the loopback only. 0 disables it.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9687, ge=0, le=65535)
+    sigterm_ramp_s: float = Field(default=5.0, gt=0, le=300)
+
+
+class Site(_Strict):
+    name: str = Field(min_length=1)
+    #: Nominal grid connection; used for sanity ranges on measured power.
+    grid_connection_kw: float = Field(gt=0)
+
+
+class SiteConfig(_Strict):
+    """The whole file."""
+
+    site: Site
+    devices: list[Device] = Field(min_length=1)
+    control: Control
+    safety: Safety = Safety()
+    service: Service = Service()
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> SiteConfig:
+        names = [d.name for d in self.devices]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"device names must be unique; repeated: {', '.join(duplicates)}")
+        if not any(d.role == "grid_meter" for d in self.devices):
+            raise ValueError("no device has role 'grid_meter'; the control law needs the grid power")
+        if not any(d.role == "pcs" for d in self.devices):
+            raise ValueError("no device has role 'pcs'; add at least one PCS to command")
+        return self
+
+    def device(self, name: str) -> Device:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        known = ", ".join(d.name for d in self.devices)
+        raise KeyError(f"no device named {name!r} in the configuration; known devices: {known}")
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("tcp", "rtu", "can"):
+            continue  # the discriminator tag pydantic adds; not a key in the file
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _format_error(error: dict[str, Any], data: dict[str, Any]) -> str:
+    location = _format_location(error["loc"])
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return (
+            f"{location}: unknown key (value {value!r}); "
+            "remove it or check its spelling against systemd/bessgw.example.toml"
+        )
+    if kind == "missing":
+        return f"{location}: required key is missing; add it"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("model_type", "dict_type") or isinstance(value, dict) and "ctx" not in error:
+        return f"{location}: {message}"
+    return f"{location}: invalid value {value!r}: {message}"
+
+
+def validate_config(data: dict[str, Any], path: str | Path = "<config>") -> SiteConfig:
+    """Validate parsed TOML; raise :class:`ConfigError` listing every problem."""
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as err:
+        problems = [_format_error(e, data) for e in err.errors(include_url=False)]
+        raise ConfigError(path, problems) from err
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> SiteConfig:
+    """Read and validate the site configuration file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ConfigError(path, [f"{path}: file not found; pass --config FILE"]) from err
+    except OSError as err:
+        raise ConfigError(path, [f"{path}: cannot be read ({err.strerror}); check its permissions"]) from err
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, [f"{path}: not UTF-8 text at byte {err.start}; save it as UTF-8"]) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [f"{path}: not valid TOML: {err}"]) from err
+    return validate_config(data, path)

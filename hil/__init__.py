@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop rig: simulated PCS, meters and BMS on real sockets, scenarios and reports."""
