@@ -1,0 +1,404 @@
+"""Simulated Modbus device: a pymodbus 3.16 server whose registers come from a profile.
+
+The HIL rig and the tests run the real drivers against this server on
+127.0.0.1 (TCP) or on a pseudo-terminal (RTU)::
+
+    server = RegisterServer(load_profile("meter-3ph"), unit_id=1)
+    server.set_point("p_kw", 12.5)            # engineering units, scaled as the profile says
+    port = await server.start_tcp()           # binds 127.0.0.1 on a free port
+    ...
+    server.faults.delay_s = 0.5               # every answer 0.5 s late
+    server.faults.exception_for(40000, 10)    # exception 02 for 40000..40009
+    await server.stop()
+
+Address map: wire address *a* answers the register the profile assigns to
+*a* (0-based, no +1 shift). Holding and input registers are separate spaces.
+Per function, every address from the first to the last point of the profile
+answers, and registers between points read as 0. Addresses outside that span
+answer exception 02 (illegal data address), as real devices do. FC 01/02
+answer 16 zero bits at 0..15 because pymodbus needs a bit block.
+
+Writes (FC 06/16) are accepted only when every register written belongs to a
+``writable`` point; other writes answer exception 02. The server answers only
+its own unit id and stays silent for other ids, as an RTU device on a shared
+bus does.
+
+Fault hooks (:class:`Faults`) are consulted on every request: an exception
+code for an address range, a delay before the answer, dropping answers, and
+frozen registers that keep answering the values they had when frozen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from drivers.modbus import codec
+from drivers.modbus.profile import FUNCTIONS, Point, Profile
+
+log = structlog.get_logger(__name__)
+
+_FUNCTION_OF_CODE = {
+    3: "holding",
+    6: "holding",
+    16: "holding",
+    22: "holding",
+    23: "holding",
+    4: "input",
+}
+_WRITE_CODES = {6, 16, 22, 23}
+
+
+@dataclass
+class ExceptionRule:
+    """Answer requests touching ``first..last`` (wire addresses, inclusive) with ``code``."""
+
+    first: int
+    last: int
+    code: ExcCodes = ExcCodes.ILLEGAL_ADDRESS
+    #: "holding", "input", or None for both.
+    function: str | None = None
+
+
+@dataclass
+class Faults:
+    """Faults the server injects; change the fields at any time, they apply to the next request.
+
+    Delays and exception rules apply to register requests of the server's
+    own unit. Dropping works on the encoded answer, so it covers every answer.
+    """
+
+    #: Seconds to wait before answering each register request.
+    delay_s: float = 0.0
+    #: Drop every answer while True (the client times out).
+    drop_all: bool = False
+    #: Drop this many of the next answers, then answer normally again.
+    drop_next: int = 0
+    #: Answer reads with the registers as they were when this was set True.
+    frozen: bool = False
+    exceptions: list[ExceptionRule] = field(default_factory=list)
+
+    def exception_for(
+        self,
+        address: int,
+        count: int = 1,
+        code: ExcCodes = ExcCodes.ILLEGAL_ADDRESS,
+        function: str | None = None,
+    ) -> ExceptionRule:
+        """Answer requests that touch ``count`` registers from ``address`` with ``code``."""
+        rule = ExceptionRule(address, address + count - 1, code, function)
+        self.exceptions.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        """Remove every fault."""
+        self.delay_s = 0.0
+        self.drop_all = False
+        self.drop_next = 0
+        self.frozen = False
+        self.exceptions.clear()
+
+    def exception_code(self, function: str, address: int, count: int) -> ExcCodes | None:
+        last = address + count - 1
+        for rule in self.exceptions:
+            if rule.function in (None, function) and rule.first <= last and address <= rule.last:
+                return rule.code
+        return None
+
+
+@dataclass(frozen=True)
+class RegisterWrite:
+    """A write a client made to holding registers, passed to ``on_write``."""
+
+    address: int
+    words: tuple[int, ...]
+    #: Names of the points whose registers the write touched.
+    point_names: tuple[str, ...]
+
+
+#: ``on_write`` callback: sync or async; returning an ExcCodes rejects the
+#: write (the registers are restored and the client gets that exception).
+WriteCallback = Callable[[RegisterWrite], "ExcCodes | Awaitable[ExcCodes | None] | None"]
+
+
+class _Image:
+    """The registers of one function (holding or input) from ``start`` on."""
+
+    def __init__(self, points: tuple[Point, ...]) -> None:
+        self.start = min(p.address for p in points) if points else 0
+        end = max(p.end for p in points) if points else 0
+        self.words = [0] * (end - self.start)
+        # Register offset -> the point it belongs to, for write checks.
+        self.owner: list[Point | None] = [None] * len(self.words)
+        for point in points:
+            for address in range(point.address, point.end):
+                self.owner[address - self.start] = point
+
+    def contains(self, address: int, count: int) -> bool:
+        return self.start <= address and address + count <= self.start + len(self.words)
+
+
+class RegisterServer:
+    """A Modbus device simulated from a :class:`Profile`, served over TCP and/or RTU.
+
+    The register image is shared by every transport started, so one server
+    can answer on TCP and RTU at once. Methods that change registers may be
+    called before or after starting; they are not thread-safe and belong on
+    the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        profile: Profile,
+        unit_id: int = 1,
+        on_write: WriteCallback | None = None,
+    ) -> None:
+        if not 1 <= unit_id <= 247:
+            raise ValueError(f"unit_id {unit_id} is invalid: a Modbus unit id is 1..247")
+        self.profile = profile
+        self.unit_id = unit_id
+        self.on_write = on_write
+        self.faults = Faults()
+        #: The last 1000 requests answered or rejected: (function code, address, count).
+        self.requests: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1000)
+        self._images = {fn: _Image(profile.points_for(fn)) for fn in FUNCTIONS}
+        self._points = {p.name: p for p in profile.points}
+        self._servers: list[ModbusTcpServer | ModbusSerialServer] = []
+
+    # -- register access -------------------------------------------------
+
+    def set_registers(self, function: str, address: int, words: list[int]) -> None:
+        """Set raw registers (wire order) of ``function`` ("holding"/"input") from ``address``."""
+        image = self._image(function)
+        if not image.contains(address, len(words)):
+            raise ValueError(
+                f"{function} registers {address}..{address + len(words) - 1} are outside the "
+                f"simulated span {image.start}..{image.start + len(image.words) - 1} of profile "
+                f"{self.profile.name!r}: add points there to the profile"
+            )
+        for word in words:
+            if isinstance(word, bool) or not isinstance(word, int) or not 0 <= word <= 0xFFFF:
+                raise ValueError(f"register value {word!r} is not a 16-bit word (0..65535)")
+        offset = address - image.start
+        image.words[offset : offset + len(words)] = words
+
+    def get_registers(self, function: str, address: int, count: int) -> list[int]:
+        """Return raw registers of ``function`` as the model holds them (ignores ``frozen``)."""
+        image = self._image(function)
+        if not image.contains(address, count):
+            raise ValueError(
+                f"{function} registers {address}..{address + count - 1} are not simulated"
+            )
+        offset = address - image.start
+        return image.words[offset : offset + count]
+
+    def set_point(self, name: str, value: codec.Value | None) -> None:
+        """Set a point from its engineering value (the inverse of the profile's scaling).
+
+        ``None`` stores the type's "no value" sentinel (NaN for floats). A
+        point scaled by a scale factor uses the factor's current value.
+        """
+        point = self._point(name)
+        if value is None:
+            raw: codec.Value = self._sentinel(point)
+        elif point.type == "str":
+            raw = value
+        else:
+            raw = (float(value) - point.offset) / self._multiplier(point)
+            if point.type not in ("f32", "f64"):
+                raw = round(raw)
+        self.set_registers(
+            point.function, point.address, codec.encode(raw, point.type, point.order, point.length)
+        )
+
+    def get_point(self, name: str) -> codec.Value | None:
+        """Return a point's engineering value, or None when it holds its sentinel."""
+        point = self._point(name)
+        raw = codec.decode(
+            self.get_registers(point.function, point.address, point.count), point.type, point.order
+        )
+        if codec.is_sentinel_value(raw, point.type, point.accumulator):
+            return None
+        if point.type == "str":
+            return raw
+        multiplier = self._multiplier(point)
+        if multiplier == 1 and not point.offset:
+            return raw
+        return raw * multiplier + point.offset
+
+    def _point(self, name: str) -> Point:
+        try:
+            return self._points[name]
+        except KeyError:
+            raise KeyError(f"profile {self.profile.name!r} has no point {name!r}") from None
+
+    def _image(self, function: str) -> _Image:
+        if function not in self._images:
+            raise ValueError(f"function {function!r} is invalid: use 'holding' or 'input'")
+        return self._images[function]
+
+    def _multiplier(self, point: Point) -> float:
+        if point.scale_factor is not None:
+            sf = self.get_point(point.scale_factor)
+            if sf is None:
+                raise ValueError(
+                    f"scale factor {point.scale_factor!r} of {point.name!r} holds no value"
+                )
+            return 10.0**sf
+        return point.scale if point.scale is not None else 1
+
+    @staticmethod
+    def _sentinel(point: Point) -> codec.Value:
+        if point.type in ("f32", "f64"):
+            return float("nan")
+        if point.type == "str":
+            return ""
+        if point.accumulator:
+            return 0
+        return codec.SENTINELS[point.type]
+
+    # -- serving -----------------------------------------------------------
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen for Modbus TCP on ``host``:``port`` (0 picks a free port); return the port."""
+        server = ModbusTcpServer(self._sim_device(), address=(host, port), **self._hooks())
+        await server.serve_forever(background=True)
+        self._servers.append(server)
+        sockets = server.transport.sockets  # type: ignore[union-attr]
+        bound_port = sockets[0].getsockname()[1]
+        log.info(
+            "simulator listening",
+            profile=self.profile.name,
+            unit=self.unit_id,
+            host=host,
+            port=bound_port,
+        )
+        return bound_port
+
+    async def start_rtu(self, serial_port: str, baudrate: int = 19200) -> None:
+        """Answer Modbus RTU on ``serial_port`` (a tty, or one end of a pty pair)."""
+        server = ModbusSerialServer(
+            self._sim_device(), port=serial_port, baudrate=baudrate, **self._hooks()
+        )
+        await server.serve_forever(background=True)
+        if server.transport is None:
+            raise ConnectionError(f"cannot open serial port {serial_port!r} for the RTU simulator")
+        self._servers.append(server)
+        log.info(
+            "simulator listening",
+            profile=self.profile.name,
+            unit=self.unit_id,
+            serial_port=serial_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop every transport started; the register image stays usable."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.shutdown()
+        if servers:
+            log.info("simulator stopped", profile=self.profile.name, unit=self.unit_id)
+
+    async def __aenter__(self) -> RegisterServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _hooks(self) -> dict[str, object]:
+        return {"trace_packet": self._trace_packet, "trace_pdu": self._trace_pdu}
+
+    def _sim_device(self) -> SimDevice:
+        blocks = []
+        for function in ("holding", "input"):
+            image = self._images[function]
+            if image.words:
+                blocks.append(
+                    [SimData(image.start, values=list(image.words), datatype=DataType.REGISTERS)]
+                )
+            else:
+                blocks.append([SimData(0, datatype=DataType.INVALID)])
+        # pymodbus needs a coil and a discrete-input block when the spaces are separate.
+        bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]
+        return SimDevice(
+            id=self.unit_id,
+            simdata=(bits, list(bits), blocks[0], blocks[1]),
+            action=self._action,
+        )
+
+    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
+        # A request for another unit becomes "no request": pymodbus 3.16's
+        # server handler skips a PDU that this hook returns as None.
+        if not sending and pdu.dev_id != self.unit_id:
+            return None
+        return pdu
+
+    def _trace_packet(self, sending: bool, packet: bytes) -> bytes:
+        if not sending:
+            return packet
+        if self.faults.drop_all:
+            return b""
+        if self.faults.drop_next > 0:
+            self.faults.drop_next -= 1
+            return b""
+        return packet
+
+    async def _action(  # noqa: PLR0917 - pymodbus calls it with six positional arguments
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """Copy the model image into ``registers``, which pymodbus then answers with."""
+        self.requests.append((function_code, address, count))
+        function = _FUNCTION_OF_CODE.get(function_code)
+        if self.faults.delay_s > 0:
+            await asyncio.sleep(self.faults.delay_s)
+        if function is None:
+            return None
+        if (code := self.faults.exception_code(function, address, count)) is not None:
+            return code
+        image = self._images[function]
+        offset = address - image.start
+        runtime_offset = address - start_address
+        if function_code in _WRITE_CODES and set_values is not None:
+            return await self._write(image, address, [int(v) for v in set_values])
+        if not self.faults.frozen:
+            registers[runtime_offset : runtime_offset + count] = image.words[
+                offset : offset + count
+            ]
+        return None
+
+    async def _write(self, image: _Image, address: int, words: list[int]) -> ExcCodes | None:
+        # pymodbus copies the written words into its own registers after this
+        # returns, so a read-back matches even while frozen.
+        offset = address - image.start
+        owners = image.owner[offset : offset + len(words)]
+        if any(owner is None or not owner.writable for owner in owners):
+            return ExcCodes.ILLEGAL_ADDRESS
+        previous = image.words[offset : offset + len(words)]
+        image.words[offset : offset + len(words)] = words
+        if self.on_write is not None:
+            names = tuple(dict.fromkeys(owner.name for owner in owners if owner is not None))
+            result = self.on_write(RegisterWrite(address, tuple(words), names))
+            if inspect.isawaitable(result):
+                result = await result
+            if isinstance(result, ExcCodes):
+                image.words[offset : offset + len(words)] = previous
+                return result
+        return None
+
+
+__all__ = ["ExceptionRule", "Faults", "RegisterServer", "RegisterWrite"]
