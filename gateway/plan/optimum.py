@@ -1,0 +1,176 @@
+"""The lowest billing peak a battery can reach on a known trace (perfect foresight).
+
+The billing peak is the largest mean grid import over fixed demand
+intervals (15 minutes by default, aligned to the start of the trace). A cap
+``C`` on that mean is feasible when some battery schedule keeps every
+interval's mean grid import at or below ``C``. Feasibility is monotone in
+``C``, so :func:`optimal_peak` bisects on it.
+
+Why one pass per cap is exact: only each interval's mean counts, so within an
+interval the battery only has to move a net energy, and its power limit
+bounds that energy by ``power * interval``. Charging or discharging as little
+as the cap allows, and recharging as much as it allows, keeps the stored
+energy as high as possible at every interval boundary. A higher stored energy
+never hurts later intervals because grid export is not limited here, so no
+interval ever has to absorb a surplus. If that greedy pass fails, every
+schedule fails.
+
+Model limits: export is allowed without limit (no grid floor), the battery
+may end the trace empty, and the battery's own losses beyond the two
+efficiencies (self-discharge, auxiliaries) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.plan.battery import BatterySpec
+
+DEMAND_INTERVAL_S = 900.0
+
+
+@dataclass(frozen=True)
+class CapSchedule:
+    """The greedy battery schedule for one cap, interval by interval."""
+
+    cap_kw: float
+    feasible: bool
+    #: Mean grid import per interval after the battery; positive is import.
+    grid_kw: np.ndarray
+    #: Mean battery power per interval; positive is discharge.
+    battery_kw: np.ndarray
+    #: Stored energy at the end of each interval.
+    energy_kwh: np.ndarray
+    #: First interval the cap could not be held in, or -1.
+    first_break: int
+
+
+@dataclass(frozen=True)
+class OptimumResult:
+    """The lowest feasible billing peak and the schedule that reaches it."""
+
+    peak_kw: float
+    peak_kw_without_battery: float
+    schedule: CapSchedule
+    interval_s: float
+    #: Bisection stops when the feasible and infeasible caps are this close.
+    tolerance_kw: float
+
+    @property
+    def reduction_kw(self) -> float:
+        return self.peak_kw_without_battery - self.peak_kw
+
+
+def interval_means_kw(
+    power_kw: np.ndarray, dt_s: float, interval_s: float = DEMAND_INTERVAL_S
+) -> np.ndarray:
+    """Average a power trace sampled every ``dt_s`` over consecutive demand intervals.
+
+    ``interval_s`` must be a whole multiple of ``dt_s``. A last, partial
+    interval is averaged over the samples it has, so a trace that stops
+    mid-interval still counts its final minutes.
+    """
+    samples = np.asarray(power_kw, dtype=float)
+    if samples.ndim != 1 or samples.size == 0:
+        raise ValueError(f"power trace must be a non-empty 1-D array; got shape {samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        bad = int(np.flatnonzero(~np.isfinite(samples))[0])
+        raise ValueError(
+            f"power trace has a non-finite value at sample {bad}; fill or cut gaps first"
+        )
+    if not dt_s > 0:
+        raise ValueError(f"dt_s={dt_s} must be > 0")
+    per_interval = interval_s / dt_s
+    if abs(per_interval - round(per_interval)) > 1e-9 or round(per_interval) < 1:
+        raise ValueError(
+            f"interval_s={interval_s} is not a whole multiple of dt_s={dt_s}; "
+            "resample the trace or change the interval"
+        )
+    per_interval = round(per_interval)
+    full = samples.size // per_interval
+    means = samples[: full * per_interval].reshape(full, per_interval).mean(axis=1)
+    if samples.size > full * per_interval:
+        means = np.append(means, samples[full * per_interval :].mean())
+    return means
+
+
+def hold_cap(
+    interval_kw: np.ndarray,
+    cap_kw: float,
+    battery: BatterySpec,
+    soc_initial_pct: float,
+    interval_s: float = DEMAND_INTERVAL_S,
+) -> CapSchedule:
+    """Run the greedy schedule that keeps each interval's mean import at or below ``cap_kw``.
+
+    Above the cap the battery discharges just enough; below it, it recharges
+    as much as the cap, its power limit and ``soc_max_pct`` allow. When an
+    interval needs more than the battery can give, the schedule gives what
+    it can, marks the cap infeasible and carries on, so ``grid_kw`` shows the
+    peak that this cap actually yields.
+    """
+    hours = interval_s / 3600.0
+    energy = battery.energy_at_kwh(soc_initial_pct)
+    e_min, e_max = battery.e_min_kwh, battery.e_max_kwh
+    grid = np.empty(len(interval_kw))
+    power = np.empty(len(interval_kw))
+    stored = np.empty(len(interval_kw))
+    first_break = -1
+    for index, load_kw in enumerate(interval_kw):
+        excess_kw = load_kw - cap_kw
+        if excess_kw > 0:
+            available_kw = max(energy - e_min, 0.0) * battery.discharge_efficiency / hours
+            battery_kw = min(excess_kw, battery.discharge_kw, available_kw)
+            if battery_kw < excess_kw - 1e-9 and first_break < 0:
+                first_break = index
+            energy -= battery_kw * hours / battery.discharge_efficiency
+        else:
+            room_kw = max(e_max - energy, 0.0) / battery.charge_efficiency / hours
+            battery_kw = -min(-excess_kw, battery.charge_kw, room_kw)
+            energy -= battery_kw * hours * battery.charge_efficiency
+        grid[index] = load_kw - battery_kw
+        power[index] = battery_kw
+        stored[index] = energy
+    return CapSchedule(cap_kw, first_break < 0, grid, power, stored, first_break)
+
+
+def optimal_peak(
+    power_kw: np.ndarray,
+    dt_s: float,
+    battery: BatterySpec,
+    soc_initial_pct: float,
+    *,
+    interval_s: float = DEMAND_INTERVAL_S,
+    tolerance_kw: float = 0.01,
+) -> OptimumResult:
+    """Find the lowest billing peak that ``battery`` can hold on the net load ``power_kw``.
+
+    ``power_kw`` is the site's net load before the battery (load minus
+    on-site generation, positive is import), sampled every ``dt_s``. The
+    result is within ``tolerance_kw`` above the true optimum.
+    """
+    if not tolerance_kw > 0:
+        raise ValueError(f"tolerance_kw={tolerance_kw} must be > 0")
+    means = interval_means_kw(power_kw, dt_s, interval_s)
+    without = float(means.max())
+    # No cap below "peak minus full discharge power" is feasible; the unshaved peak always is.
+    low = without - battery.discharge_kw
+    high = without
+    best = hold_cap(means, high, battery, soc_initial_pct, interval_s)
+    candidate = hold_cap(means, low, battery, soc_initial_pct, interval_s)
+    if candidate.feasible:
+        best, high = candidate, low
+    iterations = math.ceil(math.log2(max(high - low, tolerance_kw) / tolerance_kw)) + 1
+    for _ in range(iterations):
+        if high - low <= tolerance_kw:
+            break
+        middle = (low + high) / 2.0
+        candidate = hold_cap(means, middle, battery, soc_initial_pct, interval_s)
+        if candidate.feasible:
+            best, high = candidate, middle
+        else:
+            low = middle
+    return OptimumResult(float(best.grid_kw.max()), without, best, interval_s, tolerance_kw)
