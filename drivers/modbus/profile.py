@@ -28,6 +28,7 @@ value, and optional role tables ``[pcs]`` and ``[meter]``::
     max = 5000.0
     writable = false              # holding points only
     accumulator = false           # SunSpec accumulator: raw 0 means no value
+    default = 0.0                 # value the simulator starts with (engineering units)
     description = "..."
 
 Keys in ``[pcs]`` and ``[meter]`` are free-form settings for the driver of
@@ -75,6 +76,7 @@ _POINT_KEYS = {
     "max",
     "writable",
     "accumulator",
+    "default",
     "description",
 }
 _TOP_KEYS = {"profile", "points", "pcs", "meter"}
@@ -115,6 +117,8 @@ class Point:
     accumulator: bool = False
     description: str = ""
     vendor_address: int | None = None
+    #: Value the simulator starts with, in engineering units; None starts at raw 0.
+    default: float | int | str | None = None
 
     @property
     def end(self) -> int:
@@ -154,9 +158,23 @@ class Profile:
 
 
 def builtin_profiles() -> list[str]:
-    """Return the names of the profiles shipped in ``drivers/profiles``."""
+    """Return the names of the Modbus profiles shipped in ``drivers/profiles``.
+
+    The folder also holds profiles of other protocols (CAN BMS); only files
+    with a ``[profile]`` table are Modbus device profiles.
+    """
     folder = resources.files("drivers") / "profiles"
-    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".toml"))
+    names = []
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".toml"):
+            continue
+        try:
+            data = tomllib.loads(entry.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError:
+            continue
+        if isinstance(data.get("profile"), dict):
+            names.append(entry.name[: -len(".toml")])
+    return sorted(names)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -358,6 +376,12 @@ def _parse_point(
     for key in ("unit", "description"):
         if not isinstance(raw.get(key, ""), str):
             problems.append(f"{label}: {key} must be a string")
+    default = raw.get("default")
+    if default is not None:
+        expected_text = type_ == "str"
+        if expected_text != isinstance(default, str) or not (expected_text or _is_number(default)):
+            kind = "text" if expected_text else "a finite number"
+            problems.append(f"{label}: default {default!r} must be {kind} for type {type_!r}")
 
     if len(problems) > start or count is None:
         return None
@@ -379,6 +403,7 @@ def _parse_point(
         accumulator=accumulator,
         description=raw.get("description", ""),
         vendor_address=vendor_address,
+        default=default,
     )
 
 

@@ -173,6 +173,7 @@ class RegisterServer:
         self._images = {fn: _Image(profile.points_for(fn)) for fn in FUNCTIONS}
         self._points = {p.name: p for p in profile.points}
         self._servers: list[ModbusTcpServer | ModbusSerialServer] = []
+        self._apply_defaults()
 
     # -- register access -------------------------------------------------
 
@@ -234,6 +235,21 @@ class RegisterServer:
         if multiplier == 1 and not point.offset:
             return raw
         return raw * multiplier + point.offset
+
+    def _apply_defaults(self) -> None:
+        # Scale factors first, because the values they scale are encoded with them.
+        factors = {p.scale_factor for p in self.profile.points if p.scale_factor}
+        ordered = sorted(self.profile.points, key=lambda p: p.name not in factors)
+        for point in ordered:
+            if point.default is None:
+                continue
+            try:
+                self.set_point(point.name, point.default)
+            except ValueError as err:
+                raise ValueError(
+                    f"profile {self.profile.name!r}: default {point.default!r} of point "
+                    f"{point.name!r} cannot be encoded: {err}"
+                ) from err
 
     def _point(self, name: str) -> Point:
         try:
