@@ -136,6 +136,19 @@ class Control(_Strict):
     deadband_kw: float = Field(default=1.0, ge=0)
     #: Per-unit slew limit of the setpoint.
     unit_slew_kw_per_s: float = Field(default=1000.0, gt=0)
+    #: Grid import added to the target to recharge while the mean SoC is below
+    #: soc_soft_min_pct, within the headroom under the cap. 0 disables recharge.
+    recharge_kw: float = Field(default=0.0, ge=0)
+    #: Recharge stops when the mean SoC reaches soc_soft_min_pct plus this.
+    recharge_hysteresis_pct: float = Field(default=5.0, gt=0, le=50)
+    #: SCHED_FIFO priority of the loop thread; 0 keeps the normal scheduler.
+    rt_priority: int = Field(default=80, ge=0, le=99)
+    #: CPU the loop thread is pinned to; None leaves it to the scheduler.
+    cpu: int | None = Field(default=None, ge=0, le=1023)
+    #: mlockall() the daemon so the loop never waits for a page fault.
+    lock_memory: bool = True
+    #: The loop sleeps until this long before each deadline, then spins.
+    spin_us: int = Field(default=100, ge=0, le=5000)
     #: Run the numpy loop when the C extension is missing. Off by default: the
     #: Python loop cannot hold 1 kHz timing.
     allow_python_fallback: bool = False
@@ -171,6 +184,10 @@ class Safety(_Strict):
     on_limit_breach: SafeAction = "ramp_to_zero"
     on_pcs_fault: SafeAction = "disable"
     on_estop: SafeAction = "disable"
+    #: Measured PCS power may exceed the unit's limit (rating or BMS limit) by this much.
+    limit_breach_margin_kw: float = Field(default=10.0, ge=0)
+    #: A breach beyond the margin must last this long to latch the fault.
+    limit_breach_ms: int = Field(default=500, ge=1, le=60_000)
     #: Ramp used by ``ramp_to_zero``.
     safe_ramp_kw_per_s: float = Field(default=500.0, gt=0)
     #: PCS reversion timer: the PCS falls back to 0 kW this long after the last command.
