@@ -25,10 +25,6 @@ def register_answer(request: bytes, words: list[int]) -> bytes:
     return request[:4] + struct.pack(">HB", len(pdu) + 1, request[6]) + pdu
 
 
-def tcp_frame(transaction_id: int, unit: int, pdu: bytes) -> bytes:
-    return struct.pack(">HHHB", transaction_id, 0, len(pdu) + 1, unit) + pdu
-
-
 def free_port() -> int:
     """Return a port on 127.0.0.1 that nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -71,10 +67,13 @@ class ScriptedTcpServer:
     async def stop(self) -> None:
         self.close_connections()
         await self.stop_listening()
-        for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await task
+        if self._tasks:
+            # Closed connections end their tasks; cancel only what hangs in a handler.
+            _, hanging = await asyncio.wait(list(self._tasks), timeout=2.0)
+            for task in hanging:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def __aenter__(self) -> ScriptedTcpServer:
         await self.start()
