@@ -205,6 +205,10 @@ class Service(_Strict):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9687, ge=0, le=65535)
     sigterm_ramp_s: float = Field(default=5.0, gt=0, le=300)
+    #: Size limit of the embedded store (database plus disturbance records).
+    store_max_mb: float = Field(default=1024.0, ge=1, le=1_000_000)
+    #: Events, aggregates and disturbance records older than this are deleted.
+    store_max_age_days: float = Field(default=365.0, gt=0, le=36_500)
 
 
 class Site(_Strict):
