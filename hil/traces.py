@@ -22,7 +22,9 @@ import numpy as np
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 H100_TRAINING_CSV = DATA_DIR / "gpu" / "smc-h100-sxm-80gbx8-llama2-70b-lora-training-power-2s.csv"
-H200_INFERENCE_CSV = DATA_DIR / "gpu" / "nvidia-h200-sxm-141gbx8-maxq-llama2-70b-server-power-1s.csv"
+H200_INFERENCE_CSV = (
+    DATA_DIR / "gpu" / "nvidia-h200-sxm-141gbx8-maxq-llama2-70b-server-power-1s.csv"
+)
 WIND_PLANT_CSV = DATA_DIR / "wind" / "la-haute-borne-plant-10min.csv"
 COMMERCIAL_PROFILE_CSV = DATA_DIR / "loads" / "bdew-commercial-2025-calendar-15min.csv"
 
@@ -78,14 +80,14 @@ class GpuTrace:
 
 
 def load_h100_training(path: Path = H100_TRAINING_CSV) -> GpuTrace:
-    """Load the 8×H100 Llama-2-70B LoRA training trace (about one reading per 2 s, 30 min)."""
+    """Load the 8-GPU H100 Llama-2-70B LoRA training trace (about one reading per 2 s, 30 min)."""
     numbers = _read_csv(path, (0, 2), float)
     phase = _read_csv(path, (3,), str)[:, 0]
     return GpuTrace(numbers[:, 0], numbers[:, 1], phase, "h100-training")
 
 
 def load_h200_inference(path: Path = H200_INFERENCE_CSV) -> GpuTrace:
-    """Load the 8×H200 Llama-2-70B inference trace (1 reading per s, 51 min)."""
+    """Load the 8-GPU H200 Llama-2-70B inference trace (1 reading per s, 51 min)."""
     numbers = _read_csv(path, (0, 2, 18), float)
     phase = np.where(numbers[:, 2] > 0, "window", "idle")
     return GpuTrace(numbers[:, 0], numbers[:, 1], phase, "h200-inference")
@@ -112,7 +114,8 @@ class WindRecord:
 
     #: UTC start of the first interval.
     start_utc: np.datetime64
-    #: Plant power, corrected to all four turbines (see ``load_wind_plant``); NaN where none reported.
+    #: Plant power, corrected to all four turbines (see ``load_wind_plant``).
+    #: NaN where no turbine reported.
     p_kw: np.ndarray
     wind_speed_mps: np.ndarray
     turbines_reporting: np.ndarray
@@ -192,10 +195,14 @@ class CommercialProfile:
     interval_s: float = PROFILE_INTERVAL_S
 
 
-def load_commercial_profile(column: str = "g3", path: Path = COMMERCIAL_PROFILE_CSV) -> CommercialProfile:
+def load_commercial_profile(
+    column: str = "g3", path: Path = COMMERCIAL_PROFILE_CSV
+) -> CommercialProfile:
     """Load one profile column (``g0``, ``g1``, ``g3`` or ``g25``) of the 2025 calendar file."""
     if column not in PROFILE_COLUMNS:
-        raise TraceError(f"unknown load profile {column!r}; expected one of {', '.join(PROFILE_COLUMNS)}")
+        raise TraceError(
+            f"unknown load profile {column!r}; expected one of {', '.join(PROFILE_COLUMNS)}"
+        )
     index = 2 + PROFILE_COLUMNS.index(column)
     values = _read_csv(path, (index,), float)[:, 0]
     return CommercialProfile(column, values)
@@ -320,6 +327,7 @@ class WindProfile:
         start_utc: str | np.datetime64,
         duration_s: float,
         rated_kw: float,
+        *,
         method: str = "pchip",
         turbulence_fraction: float = 0.0,
         turbulence_tau_s: float = 30.0,
@@ -346,9 +354,7 @@ class WindProfile:
         )
         lo = max(first - margin, 0)
         hi = min(last + margin + 1, record.p_kw.size)
-        start_offset_s = (
-            (_to_datetime64(start_utc) - record.start_utc) / np.timedelta64(1, "s")
-        )
+        start_offset_s = (_to_datetime64(start_utc) - record.start_utc) / np.timedelta64(1, "s")
         #: Run time of the start of interval ``lo``.
         self._t0_s = lo * record.interval_s - start_offset_s
         self.interval_s = record.interval_s
@@ -366,7 +372,9 @@ class WindProfile:
             self._t0_s + self.interval_s / 2, self.interval_s, self._nodes, t_s, self.method
         )
 
-    def _make_turbulence(self, fraction: float, tau_s: float, seed: int) -> tuple[np.ndarray, float]:
+    def _make_turbulence(
+        self, fraction: float, tau_s: float, seed: int
+    ) -> tuple[np.ndarray, float]:
         step_s = min(1.0, tau_s / 10.0)
         count = int(np.ceil(self.means_kw.size * self.interval_s / step_s)) + 1
         rng = np.random.default_rng(seed)
@@ -397,7 +405,7 @@ class WindProfile:
 
     def interval_means_kw(self, start_s: float, count: int) -> np.ndarray:
         """Return the scaled 10-minute means of ``count`` intervals from run time ``start_s`` on."""
-        first = int(round((start_s - self._t0_s) / self.interval_s))
+        first = round((start_s - self._t0_s) / self.interval_s)
         return self.means_kw[first : first + count]
 
 
@@ -414,7 +422,7 @@ def profile_start_s(start_utc: str | np.datetime64) -> float:
     ignores. Week 53 maps to week 52.
     """
     when = _to_datetime64(start_utc).astype(dt.datetime)
-    year, week, weekday = when.isocalendar()
+    _, week, weekday = when.isocalendar()
     week = min(week, 52)
     day = dt.date.fromisocalendar(PROFILE_YEAR, week, weekday)
     day = max(day, dt.date(PROFILE_YEAR, 1, 1))

@@ -1,4 +1,4 @@
-"""Bundled HIL data and its loaders: files, attribution, wind interpolation, facility and rack shapes."""
+"""Bundled HIL data and its loaders: files, licences, wind, facility and rack shapes."""
 
 from __future__ import annotations
 
@@ -114,9 +114,13 @@ def test_wind_record_shape(wind_record):
 
 
 def test_wind_partial_rows_scaled_to_plant(wind_record):
-    partial = np.flatnonzero((wind_record.turbines_reporting > 0) & (wind_record.turbines_reporting < 4))
+    partial = np.flatnonzero(
+        (wind_record.turbines_reporting > 0) & (wind_record.turbines_reporting < 4)
+    )
     assert partial.size == 959 + 20 + 6
-    raw = np.loadtxt(traces.WIND_PLANT_CSV, delimiter=",", skiprows=1, usecols=(1,), max_rows=partial[0] + 1)
+    raw = np.loadtxt(
+        traces.WIND_PLANT_CSV, delimiter=",", skiprows=1, usecols=(1,), max_rows=partial[0] + 1
+    )
     index = partial[0]
     expected = raw[index] * 4 / wind_record.turbines_reporting[index]
     assert wind_record.p_kw[index] == pytest.approx(expected)
@@ -136,7 +140,7 @@ def test_wind_irregular_grid_rejected(tmp_path):
 @pytest.mark.parametrize("method", ["linear", "pchip"])
 def test_wind_interpolation_preserves_means(wind_record, method):
     rated_kw = 600.0
-    profile = WindProfile(wind_record, WEEK_START, 7 * 86400, rated_kw, method)
+    profile = WindProfile(wind_record, WEEK_START, 7 * 86400, rated_kw, method=method)
     t = np.arange(0.0, 7 * 86400, 1.0) + 0.5
     means = profile.power_kw(t).reshape(-1, 600).mean(axis=1)
     expected = profile.interval_means_kw(0.0, means.size)
@@ -150,7 +154,7 @@ def test_wind_interpolation_preserves_means(wind_record, method):
 
 @pytest.mark.parametrize("method", ["linear", "pchip"])
 def test_wind_stays_within_rating(wind_record, method):
-    profile = WindProfile(wind_record, WEEK_START, 7 * 86400, 600.0, method)
+    profile = WindProfile(wind_record, WEEK_START, 7 * 86400, 600.0, method=method)
     p = profile.power_kw(np.arange(0.0, 7 * 86400, 5.0))
     assert p.max() <= 600.0
     assert p.min() >= profile.min_kw
@@ -158,7 +162,9 @@ def test_wind_stays_within_rating(wind_record, method):
 
 
 def test_wind_chunks_equal_whole(wind_record):
-    profile = WindProfile(wind_record, WEEK_START, 3600, 600.0, "pchip", turbulence_fraction=0.05, seed=4)
+    profile = WindProfile(
+        wind_record, WEEK_START, 3600, 600.0, method="pchip", turbulence_fraction=0.05, seed=4
+    )
     t = np.arange(0.0, 3600.0, 0.001)
     whole = profile.power_kw(t)
     chunks = np.concatenate([profile.power_kw(part) for part in np.array_split(t, 7)])
@@ -166,9 +172,13 @@ def test_wind_chunks_equal_whole(wind_record):
 
 
 def test_wind_turbulence_keeps_means(wind_record):
-    plain = WindProfile(wind_record, WEEK_START, 86400, 600.0, "pchip")
-    gusty = WindProfile(wind_record, WEEK_START, 86400, 600.0, "pchip", turbulence_fraction=0.1, seed=1)
-    again = WindProfile(wind_record, WEEK_START, 86400, 600.0, "pchip", turbulence_fraction=0.1, seed=1)
+    plain = WindProfile(wind_record, WEEK_START, 86400, 600.0, method="pchip")
+    gusty = WindProfile(
+        wind_record, WEEK_START, 86400, 600.0, method="pchip", turbulence_fraction=0.1, seed=1
+    )
+    again = WindProfile(
+        wind_record, WEEK_START, 86400, 600.0, method="pchip", turbulence_fraction=0.1, seed=1
+    )
     t = np.arange(0.0, 86400.0, 1.0) + 0.5
     p_plain, p_gusty = plain.power_kw(t), gusty.power_kw(t)
     np.testing.assert_array_equal(p_gusty, again.power_kw(t))
@@ -251,8 +261,12 @@ def test_facility_wraps_year_end():
     profile = load_commercial_profile("g3")
     baseline = FacilityBaseline(profile, 100.0, start_s=365 * 86400.0 - 900.0)
     first, wrapped = baseline.power_kw(np.array([0.0, 900.0]))
-    assert first == pytest.approx(profile.kw_per_gwh_yr[-1] * 100.0 / traces.PROFILE_MEAN_KW_PER_GWH)
-    assert wrapped == pytest.approx(profile.kw_per_gwh_yr[0] * 100.0 / traces.PROFILE_MEAN_KW_PER_GWH)
+    assert first == pytest.approx(
+        profile.kw_per_gwh_yr[-1] * 100.0 / traces.PROFILE_MEAN_KW_PER_GWH
+    )
+    assert wrapped == pytest.approx(
+        profile.kw_per_gwh_yr[0] * 100.0 / traces.PROFILE_MEAN_KW_PER_GWH
+    )
 
 
 def test_profile_start_keeps_weekday():
