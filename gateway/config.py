@@ -91,6 +91,8 @@ class Device(_Strict):
     rated_kw: float | None = Field(default=None, gt=0)
     #: BMS only: hardware ceiling for charge and discharge current limits.
     max_current_a: float | None = Field(default=None, gt=0)
+    #: PCS only: name of the BMS device of the battery string behind this PCS.
+    bms: str | None = None
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> Device:
@@ -236,6 +238,21 @@ class SiteConfig(_Strict):
             raise ValueError("no device has role 'grid_meter'; the control law needs the grid power")
         if not any(d.role == "pcs" for d in self.devices):
             raise ValueError("no device has role 'pcs'; add at least one PCS to command")
+        bms_names = {d.name for d in self.devices if d.role == "bms"}
+        for device in self.devices:
+            if device.bms is None:
+                continue
+            if device.role != "pcs":
+                raise ValueError(
+                    f"device {device.name!r} has bms = {device.bms!r} but role {device.role!r}; "
+                    "only a PCS names the BMS of its battery string"
+                )
+            if device.bms not in bms_names:
+                known = ", ".join(sorted(bms_names)) or "none"
+                raise ValueError(
+                    f"device {device.name!r} names bms = {device.bms!r}, which is not a device "
+                    f"with role 'bms' (BMS devices: {known})"
+                )
         return self
 
     def device(self, name: str) -> Device:
