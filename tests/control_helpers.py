@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gateway.config import validate_config
 from gateway.control import law
 from gateway.control.layout import empty_inputs, record_dtype
 from gateway.control.loop import FastLoop, load_extension
@@ -121,3 +122,33 @@ class Runner:
         self._ticks += 1
         assert record.dtype == record_dtype(self.n_units)
         return record
+
+
+def site_config(n_units: int = 2, rated_kw: float = 500.0, **control):
+    """Return a validated SiteConfig with one grid meter and ``n_units`` PCS units on 127.0.0.1."""
+    devices = [
+        {
+            "name": "grid",
+            "role": "grid_meter",
+            "profile": "meter-3ph",
+            "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1502},
+            "poll_period_ms": 100,
+        }
+    ]
+    for i in range(n_units):
+        devices.append(
+            {
+                "name": f"pcs-{i + 1}",
+                "role": "pcs",
+                "profile": "pcs-sunspec",
+                "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1503 + i},
+                "poll_period_ms": 100,
+                "rated_kw": rated_kw,
+            }
+        )
+    data = {
+        "site": {"name": "test", "grid_connection_kw": 2000.0},
+        "devices": devices,
+        "control": {"grid_cap_kw": 600.0, "lock_memory": False, "rt_priority": 0, **control},
+    }
+    return validate_config(data)

@@ -430,9 +430,9 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     # 1. Input validity and the interlock conditions of this tick.
     grid_kw, load_kw = site["grid_kw"], site["load_kw"]
     grid_ok = _fresh(site["grid_quality"], site["grid_t_ns"], now, p.meter_stale_ns, p.period_ns)
-    grid_ok &= np.isfinite(grid_kw)
+    grid_ok = grid_ok & np.isfinite(grid_kw)
     load_ok = _fresh(site["load_quality"], site["load_t_ns"], now, p.meter_stale_ns, p.period_ns)
-    load_ok &= np.isfinite(load_kw)
+    load_ok = load_ok & np.isfinite(load_kw)
     site_active = (
         _bit(~grid_ok, Fault.GRID_STALE)
         | _bit(~load_ok, Fault.LOAD_STALE)
@@ -442,10 +442,10 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     pcs_p, soc = units["pcs_p_kw"], units["soc_pct"]
     rated = p.rated_kw
     pcs_ok = _fresh(units["pcs_quality"], units["pcs_t_ns"], now_u, p.pcs_stale_ns, p.period_ns)
-    pcs_ok &= np.isfinite(pcs_p)
+    pcs_ok = pcs_ok & np.isfinite(pcs_p)
     bms_ok = _fresh(units["bms_quality"], units["bms_t_ns"], now_u, p.bms_stale_ns, p.period_ns)
     for name in ("soc_pct", "bms_voltage_v", "bms_charge_limit_a", "bms_discharge_limit_a"):
-        bms_ok &= np.isfinite(units[name])
+        bms_ok = bms_ok & np.isfinite(units[name])
     volts = units["bms_voltage_v"]
     dis_hw = np.where(
         bms_ok, np.fmin(rated, np.fmax(0.0, volts * units["bms_discharge_limit_a"] * 1e-3)), rated
@@ -462,7 +462,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     limit = np.where(pcs_p >= 0.0, dis_hw, chg_hw)
     over = np.abs(pcs_p) > limit + _col(p.breach_margin_kw)
     breach_count = np.where(pcs_ok & over, st.breach_count + 1, 0).astype(np.int32)
-    unit_active |= (
+    unit_active = unit_active | (
         _bit(pcs_ok & (breach_count >= p.breach_ticks), Fault.LIMIT_BREACH)
         | _bit(pcs_ok & (units["pcs_fault"] != 0), Fault.PCS_FAULT)
         | _bit(~pcs_ok, Fault.PCS_LOST)
@@ -485,7 +485,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     start = ~st.recharging & (soc_mean < p.soc_soft_min_pct)
     stop = st.recharging & (soc_mean >= p.soc_soft_min_pct + p.recharge_hysteresis_pct)
     recharging = np.where(start, True, np.where(stop, False, st.recharging))
-    recharging &= (soc_count > 0) & (p.recharge_kw > 0.0)
+    recharging = recharging & (soc_count > 0) & (p.recharge_kw > 0.0)
     site_limits = _bit(recharging, Limit.RECHARGE)
 
     # 4. Grid target: low-pass of the load (plus recharge), clamped, ramp-limited.
@@ -493,11 +493,11 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     running = load_ok & st.initialised
     filt = st.load_filt_kw + p.lp_alpha * (load_kw - st.load_filt_kw)
     desired = filt + np.where(recharging, p.recharge_kw, 0.0)
-    site_limits |= _bit(running & (desired > p.cap_kw), Limit.CAP)
-    site_limits |= _bit(running & (desired < p.floor_kw), Limit.FLOOR)
+    site_limits = site_limits | _bit(running & (desired > p.cap_kw), Limit.CAP)
+    site_limits = site_limits | _bit(running & (desired < p.floor_kw), Limit.FLOOR)
     target_step = _clamp(desired, p.floor_kw, p.cap_kw) - st.target_kw
     max_step = p.ramp_kw_per_s * dt
-    site_limits |= _bit(
+    site_limits = site_limits | _bit(
         running & ((target_step > max_step) | (target_step < -max_step)), Limit.RAMP
     )
     target_step = np.where(
@@ -510,7 +510,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
         np.where(running, st.target_kw + target_step, st.target_kw),
     )
     demand = np.where(load_ok, load_kw - target_kw, 0.0)
-    site_limits |= _bit(grid_ok & (grid_kw > p.cap_kw), Limit.GRID_OVER_CAP)
+    site_limits = site_limits | _bit(grid_ok & (grid_kw > p.cap_kw), Limit.GRID_OVER_CAP)
 
     # 5. Capability of each unit that runs normally.
     usable = reaction == int(Reaction.NONE)
@@ -523,7 +523,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     dis_cap = np.where(usable, dis_hw * f_dis, 0.0)
     chg_cap = np.where(usable, chg_hw * f_chg, 0.0)
     unit_limits = _bit(usable & ((dis_hw < rated) | (chg_hw < rated)), Limit.BMS_LIMIT)
-    unit_limits |= _bit(usable & ((f_dis < 1.0) | (f_chg < 1.0)), Limit.SOC_DERATE)
+    unit_limits = unit_limits | _bit(usable & ((f_dis < 1.0) | (f_chg < 1.0)), Limit.SOC_DERATE)
     dis_total = _sum_units(dis_cap)
     chg_total = _sum_units(chg_cap)
 
@@ -537,7 +537,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
     short = need > 1.0
     share = np.where(short, 1.0, need)
     uncovered = np.where(short, np.where(discharging, demand - dis_total, demand + chg_total), 0.0)
-    site_limits |= _bit(uncovered != 0.0, Limit.UNCOVERED)
+    site_limits = site_limits | _bit(uncovered != 0.0, Limit.UNCOVERED)
 
     # 7. Per unit: slew, clamp, safe action, deadband.
     prev = st.sp_kw
@@ -549,8 +549,10 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
         unit_step > slew_step, slew_step, np.where(unit_step < -slew_step, -slew_step, unit_step)
     )
     normal = prev + unit_step
-    unit_limits |= _bit(usable & slewed, Limit.SLEW)
-    unit_limits |= _bit(usable & ((normal > dis_cap) | (normal < -chg_cap)), Limit.UNIT_CAP)
+    unit_limits = unit_limits | _bit(usable & slewed, Limit.SLEW)
+    unit_limits = unit_limits | _bit(
+        usable & ((normal > dis_cap) | (normal < -chg_cap)), Limit.UNIT_CAP
+    )
     normal = _clamp(normal, -chg_cap, dis_cap)
     hold = _clamp(prev, -chg_hw, dis_hw)
     safe_step = _col(p.safe_ramp_kw_per_s * dt)
@@ -569,7 +571,7 @@ def _step(p: _Derived, st: LawState, site: np.ndarray, units: np.ndarray, now_ns
         | (out > lim_dis)
         | (out < -lim_chg)
     )
-    unit_limits |= _bit(~follow & (sp_kw != out), Limit.DEADBAND)
+    unit_limits = unit_limits | _bit(~follow & (sp_kw != out), Limit.DEADBAND)
     out_kw = np.where(follow, sp_kw, out)
 
     new_state = LawState(
