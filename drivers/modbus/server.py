@@ -378,6 +378,10 @@ class RegisterServer:
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         """Copy the model image into ``registers``, which pymodbus then answers with."""
+        if function_code in _WRITE_CODES and set_values is None:
+            # pymodbus 3.16 reads the register back to build the FC 06 echo. The
+            # Modbus echo repeats the request, so it must not see later changes.
+            return None
         self.requests.append((function_code, address, count))
         function = _FUNCTION_OF_CODE.get(function_code)
         if self.faults.delay_s > 0:
