@@ -102,8 +102,14 @@ class TrainingLoadParams:
                 f"edge_s={self.edge_s} must be >= 0 and at most half the shorter of the compute "
                 f"and trough parts of an iteration ({shorter_part_s:.3f} s)"
             )
-        if self.checkpoint_every_s <= 0 or self.checkpoint_length_s < 0:
-            problems.append("checkpoint_every_s must be > 0 and checkpoint_length_s >= 0")
+        if self.checkpoint_length_s < 0 or self.checkpoint_every_s <= (
+            self.checkpoint_length_s + self.checkpoint_edge_s
+        ):
+            problems.append(
+                f"checkpoint_every_s={self.checkpoint_every_s} must exceed checkpoint_length_s="
+                f"{self.checkpoint_length_s} plus checkpoint_edge_s={self.checkpoint_edge_s}, "
+                "and the length must be >= 0"
+            )
         if self.checkpoint_edge_s < 0 or self.job_ramp_s < 0:
             problems.append("checkpoint_edge_s and job_ramp_s must be >= 0")
         if self.job_stop_s is not None and self.job_stop_s <= self.job_start_s:
@@ -206,18 +212,21 @@ class TrainingLoadGenerator:
         begin = starts[k]
         compute_end = begin + p.compute_fraction * (starts[k + 1] - begin)
         high = _pulse(t, begin, compute_end, p.edge_s)
-        # The falling edge of the previous iteration's trough into this one starts at ``begin``,
-        # and the rising edge lies inside this iteration, so one pulse per iteration suffices.
+        # Both edges of an iteration's compute pulse lie inside that iteration, because
+        # edge_s is checked to fit, so the pulse of the current iteration alone gives the level.
         return p.swing_low_fraction + (1.0 - p.swing_low_fraction) * high
 
     def _job_level(self, job: _Job, t: np.ndarray, swing: np.ndarray) -> np.ndarray:
         """Combine the swing with checkpoint dips and the job's start and stop ramps."""
         p = self.params
-        in_checkpoint = np.zeros_like(t)
-        for start in job.checkpoint_starts_s:
-            in_checkpoint = np.maximum(
-                in_checkpoint, _pulse(t, start, start + p.checkpoint_length_s, p.checkpoint_edge_s)
-            )
+        # Checkpoints never overlap (checked in the parameters), so only the latest one
+        # that started by ``t`` can be active.
+        starts = job.checkpoint_starts_s
+        if starts.size:
+            latest = starts[np.clip(np.searchsorted(starts, t, side="right") - 1, 0, None)]
+            in_checkpoint = _pulse(t, latest, latest + p.checkpoint_length_s, p.checkpoint_edge_s)
+        else:
+            in_checkpoint = np.zeros_like(t)
         running = swing * (1.0 - in_checkpoint) + p.checkpoint_fraction * in_checkpoint
         if p.job_ramp_s > 0:
             active = raised_cosine_step((t - p.job_start_s) / p.job_ramp_s)

@@ -17,6 +17,7 @@ battery energy, voltage and temperature -> grid balance.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # --------------------------------------------------------------------------- PCS
+
+_STANDBY, _RUNNING, _REVERTED, _TRIPPED = 0, 1, 2, 3
 
 
 class PcsMode(enum.IntEnum):
@@ -127,6 +130,8 @@ class PcsBank:
             trip_reason=[""] * units,
         )
         self._delay_steps = delay_steps
+        self._ramp_limited = math.isfinite(params.ramp_kw_per_s)
+        self._stale = True
 
     def _units(self, unit: int | None) -> slice | int:
         if unit is None:
@@ -149,6 +154,7 @@ class PcsBank:
         s.command_kw[which] = setpoint_kw
         s.last_command_s[which] = t_s
         s.mode[which] = np.where(s.mode[which] == PcsMode.TRIPPED, PcsMode.TRIPPED, PcsMode.RUNNING)
+        self._stale = True
 
     def heartbeat(self, t_s: float, unit: int | None = None) -> None:
         """Feed the command watchdog without changing the setpoint."""
@@ -156,12 +162,14 @@ class PcsBank:
         which = self._units(unit)
         s.last_command_s[which] = t_s
         s.mode[which] = np.where(s.mode[which] == PcsMode.REVERTED, PcsMode.RUNNING, s.mode[which])
+        self._stale = True
 
     def trip(self, reason: str, unit: int | None = None) -> None:
         """Trip a unit (or all): output drops to 0 on the next step and stays there until reset."""
         s = self.state
         which = self._units(unit)
         s.mode[which] = PcsMode.TRIPPED
+        self._stale = True
         for index in range(self.units)[which] if isinstance(which, slice) else [which]:
             s.trip_reason[index] = reason
 
@@ -172,9 +180,33 @@ class PcsBank:
         tripped = s.mode[which] == PcsMode.TRIPPED
         s.mode[which] = np.where(tripped, PcsMode.STANDBY, s.mode[which])
         s.command_kw[which] = np.where(tripped, 0.0, s.command_kw[which])
+        self._stale = True
         for index in range(self.units)[which] if isinstance(which, slice) else [which]:
             if s.mode[index] == PcsMode.STANDBY:
                 s.trip_reason[index] = ""
+
+    def _refresh_targets(self, t_s: float) -> None:
+        """Apply watchdog expiry and recompute each unit's target before the battery clamp.
+
+        Runs only after a command, heartbeat, trip or reset, or when the
+        earliest watchdog expires, so the per-step path stays short.
+        """
+        p = self.params
+        s = self.state
+        expired = t_s - s.last_command_s > p.revert_s
+        s.mode[(s.mode == _RUNNING) & expired] = _REVERTED
+        following = s.mode == _RUNNING
+        self._tripped = s.mode == _TRIPPED
+        self._any_tripped = bool(self._tripped.any())
+        targets = np.where(following, s.command_kw, p.revert_kw)
+        targets = np.clip(targets, -p.rated_kw, p.rated_kw)
+        targets[self._tripped] = 0.0
+        self._targets = targets
+        self._targets_max = float(targets.max())
+        self._targets_min = float(targets.min())
+        live = s.last_command_s[following]
+        self._next_expiry_s = float(live.min()) + p.revert_s if live.size else math.inf
+        self._stale = False
 
     def step(self, t_s: float, discharge_max_kw: float, charge_max_kw: float) -> np.ndarray:
         """Advance one step to run time ``t_s`` and return each unit's AC output in kW.
@@ -185,40 +217,42 @@ class PcsBank:
         """
         p = self.params
         s = self.state
-        expired = t_s - s.last_command_s > p.revert_s
-        running = s.mode == PcsMode.RUNNING
-        s.mode[running & expired] = PcsMode.REVERTED
-        tripped = s.mode == PcsMode.TRIPPED
-        following = s.mode == PcsMode.RUNNING
+        if self._stale or t_s > self._next_expiry_s:
+            self._refresh_targets(t_s)
 
-        target = np.where(following, s.command_kw, p.revert_kw)
         upper = min(p.rated_kw, discharge_max_kw / self.units)
         lower = -min(p.rated_kw, charge_max_kw / self.units)
-        target = np.clip(target, lower, upper)
-        target[tripped] = 0.0
+        limited = upper < p.rated_kw or lower > -p.rated_kw
+        target = self._targets
+        if self._targets_max > upper or self._targets_min < lower:
+            target = np.clip(target, lower, upper)
 
         if self._delay_steps > 0:
             delayed = s.delay_line[s.delay_index].copy()
             s.delay_line[s.delay_index] = target
             s.delay_index = (s.delay_index + 1) % self._delay_steps
         else:
-            delayed = target
+            delayed = target.copy()
 
-        s.ramped_kw += np.clip(delayed - s.ramped_kw, -self._ramp_step_kw, self._ramp_step_kw)
+        if self._ramp_limited:
+            s.ramped_kw += np.clip(delayed - s.ramped_kw, -self._ramp_step_kw, self._ramp_step_kw)
+        else:
+            s.ramped_kw = delayed
         s.p_kw += self._alpha * (s.ramped_kw - s.p_kw)
-        np.clip(s.p_kw, lower, upper, out=s.p_kw)
-        if tripped.any():
+        if limited:
+            np.clip(s.p_kw, lower, upper, out=s.p_kw)
+        if self._any_tripped:
             # A trip opens the unit's breaker: no dead time, no ramp, no lag.
+            tripped = self._tripped
             s.p_kw[tripped] = 0.0
             s.ramped_kw[tripped] = 0.0
             s.delay_line[:, tripped] = 0.0
         return s.p_kw
 
-    def dc_power_kw(self, ac_kw: np.ndarray) -> float:
+    def dc_power_kw(self, total_ac_kw: float) -> float:
         """Return the battery-side power of the bank's total AC output (positive = discharge)."""
         eff = self.params.efficiency
-        total = float(np.sum(ac_kw))
-        return total / eff if total >= 0 else total * eff
+        return total_ac_kw / eff if total_ac_kw >= 0 else total_ac_kw * eff
 
 
 # --------------------------------------------------------------------------- battery
@@ -233,6 +267,20 @@ LFP_OCV_SOC_PCT = np.array(
 LFP_OCV_CELL_V = np.array(
     [2.80, 3.00, 3.12, 3.20, 3.26, 3.28, 3.29, 3.30, 3.31, 3.32, 3.33, 3.34, 3.36, 3.40, 3.50]
 )
+_OCV_SOC = LFP_OCV_SOC_PCT.tolist()
+_OCV_CELL = LFP_OCV_CELL_V.tolist()
+
+
+def _interp(x: float, xs: list[float], ys: list[float]) -> float:
+    """Interpolate linearly like ``np.interp`` for one value, at a fraction of its call cost."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x) - 1
+    return ys[i] + (ys[i + 1] - ys[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
 #: Charge and discharge voltage limits of one LFP cell, as a BMS reports them.
 LFP_CHARGE_LIMIT_CELL_V = 3.55
 LFP_DISCHARGE_LIMIT_CELL_V = 2.80
@@ -289,7 +337,7 @@ class BatteryParams:
 
     def ocv_v(self, soc_pct: float) -> float:
         """Return the pack's open-circuit voltage at ``soc_pct``."""
-        return self.cells_in_series * float(np.interp(soc_pct, LFP_OCV_SOC_PCT, LFP_OCV_CELL_V))
+        return self.cells_in_series * _interp(soc_pct, _OCV_SOC, _OCV_CELL)
 
     @property
     def nominal_v(self) -> float:
@@ -407,10 +455,10 @@ class Battery:
         """
         p = self.params
         s = self.state
-        hot = float(np.interp(s.temperature_c, [45.0, p.trip_temperature_c], [1.0, 0.0]))
-        cold_charge = float(np.interp(s.temperature_c, [0.0, 10.0], [0.0, 1.0]))
-        charge = p.max_current_a * float(np.interp(s.soc_pct, [90.0, 100.0], [1.0, 0.0]))
-        discharge = p.max_current_a * float(np.interp(s.soc_pct, [0.0, 10.0], [0.0, 1.0]))
+        hot = _interp(s.temperature_c, [45.0, p.trip_temperature_c], [1.0, 0.0])
+        cold_charge = _interp(s.temperature_c, [0.0, 10.0], [0.0, 1.0])
+        charge = p.max_current_a * _interp(s.soc_pct, [90.0, 100.0], [1.0, 0.0])
+        discharge = p.max_current_a * _interp(s.soc_pct, [0.0, 10.0], [0.0, 1.0])
         return BmsLimits(
             charge_current_a=charge * hot * cold_charge,
             discharge_current_a=discharge * hot,
@@ -528,8 +576,8 @@ class Plant:
         eff = self.pcs.params.efficiency
         discharge_dc, charge_dc = self.battery.available_kw(self.dt_s)
         ac_kw = self.pcs.step(self.t_s, discharge_dc * eff, charge_dc / eff)
-        battery_kw = float(np.sum(ac_kw))
-        self.battery.step(self.dt_s, self.pcs.dc_power_kw(ac_kw))
+        battery_kw = float(ac_kw.sum())
+        self.battery.step(self.dt_s, self.pcs.dc_power_kw(battery_kw))
         if (
             self.battery.state.temperature_c >= self.battery.params.trip_temperature_c
             and not np.all(self.pcs.state.mode == PcsMode.TRIPPED)

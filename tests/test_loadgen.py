@@ -211,6 +211,7 @@ def test_envelope_wrong_shape_rejected():
         {"job_start_s": 10.0, "job_stop_s": 5.0},
         {"jobs": 0},
         {"period_jitter": 0.6},
+        {"checkpoint_every_s": 8.5, "checkpoint_length_s": 8.0},
     ],
 )
 def test_params_invalid_rejected(changes):
