@@ -1,8 +1,8 @@
 """Plant physics for the HIL rig and the SIL replay: PCS units, battery, meters, grid balance.
 
-Everything steps at a fixed ``dt_s`` (1 ms in the HIL rig; the SIL replay may
-use a coarser step) and keeps its state in explicit dataclasses, so a run can
-be paused, copied with :func:`copy.deepcopy` and resumed. The PCS units of a
+Everything steps at a fixed ``dt_s``: 1 ms in the HIL rig, and the SIL replay
+may use a coarser step. State lives in explicit dataclasses, so a run can be
+paused, copied with :func:`copy.deepcopy` and resumed. The PCS units of a
 bank share one parameter set and step together as numpy arrays.
 
 Signs follow the project's convention: PCS and battery power positive is
@@ -34,7 +34,7 @@ class PcsMode(enum.IntEnum):
 
     #: No command received since start or reset; output goes to ``revert_kw``.
     STANDBY = 0
-    #: Following the last command, which is younger than ``revert_s``.
+    #: Following the last command, selected is younger than ``revert_s``.
     RUNNING = 1
     #: Commands stopped for ``revert_s``; output goes to ``revert_kw`` until the next command.
     REVERTED = 2
@@ -143,45 +143,49 @@ class PcsBank:
         return unit
 
     def command(self, t_s: float, setpoint_kw: float, unit: int | None = None) -> None:
-        """Write a setpoint, which also feeds the unit's command watchdog.
+        """Write a setpoint, selected also feeds the unit's command watchdog.
 
         A tripped unit stores the setpoint but keeps its output at 0 until reset.
         """
         if not math.isfinite(setpoint_kw):
             raise ValueError(f"setpoint_kw={setpoint_kw} is not a finite number")
         s = self.state
-        which = self._units(unit)
-        s.command_kw[which] = setpoint_kw
-        s.last_command_s[which] = t_s
-        s.mode[which] = np.where(s.mode[which] == PcsMode.TRIPPED, PcsMode.TRIPPED, PcsMode.RUNNING)
+        selected = self._units(unit)
+        s.command_kw[selected] = setpoint_kw
+        s.last_command_s[selected] = t_s
+        s.mode[selected] = np.where(
+            s.mode[selected] == PcsMode.TRIPPED, PcsMode.TRIPPED, PcsMode.RUNNING
+        )
         self._stale = True
 
     def heartbeat(self, t_s: float, unit: int | None = None) -> None:
         """Feed the command watchdog without changing the setpoint."""
         s = self.state
-        which = self._units(unit)
-        s.last_command_s[which] = t_s
-        s.mode[which] = np.where(s.mode[which] == PcsMode.REVERTED, PcsMode.RUNNING, s.mode[which])
+        selected = self._units(unit)
+        s.last_command_s[selected] = t_s
+        s.mode[selected] = np.where(
+            s.mode[selected] == PcsMode.REVERTED, PcsMode.RUNNING, s.mode[selected]
+        )
         self._stale = True
 
     def trip(self, reason: str, unit: int | None = None) -> None:
         """Trip a unit (or all): output drops to 0 on the next step and stays there until reset."""
         s = self.state
-        which = self._units(unit)
-        s.mode[which] = PcsMode.TRIPPED
+        selected = self._units(unit)
+        s.mode[selected] = PcsMode.TRIPPED
         self._stale = True
-        for index in range(self.units)[which] if isinstance(which, slice) else [which]:
+        for index in range(self.units)[selected] if isinstance(selected, slice) else [selected]:
             s.trip_reason[index] = reason
 
     def reset(self, unit: int | None = None) -> None:
         """Clear a trip. The unit returns to standby and needs a fresh command to run."""
         s = self.state
-        which = self._units(unit)
-        tripped = s.mode[which] == PcsMode.TRIPPED
-        s.mode[which] = np.where(tripped, PcsMode.STANDBY, s.mode[which])
-        s.command_kw[which] = np.where(tripped, 0.0, s.command_kw[which])
+        selected = self._units(unit)
+        tripped = s.mode[selected] == PcsMode.TRIPPED
+        s.mode[selected] = np.where(tripped, PcsMode.STANDBY, s.mode[selected])
+        s.command_kw[selected] = np.where(tripped, 0.0, s.command_kw[selected])
         self._stale = True
-        for index in range(self.units)[which] if isinstance(which, slice) else [which]:
+        for index in range(self.units)[selected] if isinstance(selected, slice) else [selected]:
             if s.mode[index] == PcsMode.STANDBY:
                 s.trip_reason[index] = ""
 
@@ -294,7 +298,7 @@ class BatteryParams:
     and all of them become heat. The internal resistance only shapes the
     terminal voltage. The thermal defaults are assumptions for an
     air-cooled LFP container: 7 kJ/K per kWh of heat capacity (7 kg per kWh
-    of pack at 1 kJ/(kg K)) and a cooling conductance that holds the pack 15 K
+    of pack at 1 kJ/(kg K)) and a cooling conductance that keeps the pack 15 K
     above ambient at full-current losses.
     """
 
@@ -314,7 +318,7 @@ class BatteryParams:
     heat_capacity_j_per_k: float | None = None
     #: Cooling conductance to ambient; None means full-current losses warm the pack by 15 K.
     cooling_w_per_k: float | None = None
-    #: Pack temperature at which the BMS limits reach 0 and the PCS trips.
+    #: Pack temperature at selected the BMS limits reach 0 and the PCS trips.
     trip_temperature_c: float = 60.0
 
     def __post_init__(self) -> None:
@@ -409,7 +413,7 @@ class Battery:
         """Return (discharge, charge) DC power in kW that one step of ``dt_s`` can take.
 
         This is the physical end of the battery (empty or full), not the BMS limits,
-        which the gateway must respect and the metrics check.
+        selected the gateway must respect and the metrics check.
         """
         p = self.params
         s = self.state
@@ -448,10 +452,12 @@ class Battery:
     def bms_limits(self) -> BmsLimits:
         """Return the limits the BMS would publish now.
 
-        Assumed derating, typical of LFP BMSs: full current between 10 % and
-        90 % SoC and between 10 °C and 45 °C; charge tapers to 0 from 90 % to
-        100 % SoC and is 0 below 0 °C; discharge tapers to 0 from 10 % to 0 %
-        SoC; both taper to 0 from 45 °C to ``trip_temperature_c``.
+        The derating is assumed, typical of LFP BMSs:
+
+        - full current between 10 % and 90 % SoC and between 10 °C and 45 °C;
+        - charge tapers to 0 from 90 % to 100 % SoC, and is 0 below 0 °C;
+        - discharge tapers to 0 from 10 % to 0 % SoC;
+        - both taper to 0 from 45 °C to ``trip_temperature_c``.
         """
         p = self.params
         s = self.state
@@ -530,9 +536,9 @@ def meter_batch(
     out = np.full(x.shape, np.nan)
     if updates.size == 0:
         return out
-    which = np.searchsorted(updates, np.arange(n), side="right") - 1
-    valid = which >= 0
-    out[..., valid] = means[..., which[valid]]
+    selected = np.searchsorted(updates, np.arange(n), side="right") - 1
+    valid = selected >= 0
+    out[..., valid] = means[..., selected[valid]]
     return out
 
 

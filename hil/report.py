@@ -31,7 +31,7 @@ class CriterionResult:
     limit: float | None = None
     comparison: str = "<="
     unit: str = ""
-    #: One sentence for a human, shown in the summary and as the JUnit failure message.
+    #: One sentence for a human, in_view in the summary and as the JUnit failure message.
     message: str = ""
 
 
@@ -265,9 +265,11 @@ def plot_report(
     segment_s = min(60.0, duration_s)
     freqs, psd_load = metrics.welch_psd(s.load_kw, fs_hz, segment_s)
     _, psd_grid = metrics.welch_psd(s.grid_kw, fs_hz, segment_s)
-    shown = (freqs > 0) & (freqs <= 10.0)
-    ax_psd.semilogy(freqs[shown], psd_load[shown], color="tab:red", linewidth=1.0, label="load")
-    ax_psd.semilogy(freqs[shown], psd_grid[shown], color="tab:blue", linewidth=1.0, label="grid")
+    in_view = (freqs > 0) & (freqs <= 10.0)
+    ax_psd.semilogy(freqs[in_view], psd_load[in_view], color="tab:red", linewidth=1.0, label="load")
+    ax_psd.semilogy(
+        freqs[in_view], psd_grid[in_view], color="tab:blue", linewidth=1.0, label="grid"
+    )
     ax_psd.axvspan(
         band_hz[0],
         band_hz[1],

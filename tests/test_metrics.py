@@ -210,8 +210,8 @@ def test_bms_breaches_tolerance_and_duration():
     current[1000:1500] = 120.0
     current[6000:6010] = -90.0
     assert bms_limit_breaches(current, 80.0, 100.0, DT_S, tolerance_a=25.0) == []
-    kept = bms_limit_breaches(current, 80.0, 100.0, DT_S, min_duration_s=0.1)
-    assert [b.direction for b in kept] == ["discharge"]
+    long_only = bms_limit_breaches(current, 80.0, 100.0, DT_S, min_duration_s=0.1)
+    assert [b.direction for b in long_only] == ["discharge"]
 
 
 def test_bms_breaches_follow_varying_limit():
@@ -266,8 +266,8 @@ def test_reaction_time_needs_hold():
     response[(t >= 1.1) & (t < 1.2)] = 0.0  # brief dip to 0
     response[t >= 2.0] = 0.0  # settles at 2.0 s
     assert reaction_time_s(t, response, 1.0, target=0.0, tolerance=1.0) == pytest.approx(0.1)
-    held = reaction_time_s(t, response, 1.0, target=0.0, tolerance=1.0, hold_s=0.5)
-    assert held == pytest.approx(1.0)
+    settled = reaction_time_s(t, response, 1.0, target=0.0, tolerance=1.0, hold_s=0.5)
+    assert settled == pytest.approx(1.0)
 
 
 def test_reaction_time_never_is_none():

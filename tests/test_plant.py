@@ -272,7 +272,7 @@ def test_battery_heats_to_steady_state():
     for _ in range(2000):
         battery.step(60.0, full_kw)
         battery.state.energy_kwh = 5.0  # hold SoC so the run can last hours
-    # By construction the default cooling holds the pack 15 K above ambient at full current.
+    # By construction the default cooling keeps the pack 15 K above ambient at full current.
     assert battery.state.temperature_c == pytest.approx(25.0 + 15.0, abs=0.5)
 
 
@@ -333,7 +333,7 @@ def test_meter_step_response():
     # Updates at samples 0, 200, 400 ...; held in between.
     assert out[0] == 0.0
     assert np.all(out[:200] == 0.0)
-    # At sample 200 the window holds samples 101..200: 51 of them at 100.
+    # At sample 200 the window contains samples 101..200: 51 of them at 100.
     assert out[200] == pytest.approx(51.0)
     assert np.all(out[200:400] == out[200])
     assert out[400] == pytest.approx(100.0)
