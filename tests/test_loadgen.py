@@ -173,7 +173,7 @@ def test_envelope_mean_preserved():
     shape = envelope.power_kw(t)
     params = TrainingLoadParams(desync=0.0, period_jitter=0.0)
     p = TrainingLoadGenerator(params, 2, PEAK_KW, 120.0, seed=12).power_kw(t, shape)
-    # Without jitter every 1.5 s block contains exactly one iteration, so its mean is the envelope's.
+    # Without jitter each 1.5 s block contains one iteration, so its mean is the envelope's.
     block = 1500
     got = p[:, : t.size // block * block].reshape(2, -1, block).mean(axis=2)
     want = shape[:, : t.size // block * block].reshape(2, -1, block).mean(axis=2)
