@@ -86,11 +86,15 @@ class OperatorParams(_Params):
 
 
 class JobHintParams(_Params):
-    """A job scheduler's notice of a planned job, for the load forecast."""
+    """A job scheduler's notice of a planned job, for the load forecast.
+
+    Times are UNIX seconds or ISO 8601 strings with a zone; the forecast's
+    hint parser checks the values, so this model only fixes the keys and types.
+    """
 
     job_id: str = Field(min_length=1, max_length=128)
-    start_utc: float
-    end_utc: float | None = None
+    start_utc: float | str
+    end_utc: float | str | None = None
     nodes: int = Field(default=1, ge=1)
     expected_kw: float = Field(ge=0)
 
@@ -123,6 +127,10 @@ Handler = Callable[[Any, int | None], Awaitable[dict[str, Any]]]
 
 class ApiRejectedError(Exception):
     """Raised by a handler when the daemon refuses a valid request in its current state."""
+
+
+class ApiParamsError(Exception):
+    """Raised by a handler whose own checks reject the parameters (``invalid_params``)."""
 
 
 class ApiError(Exception):
@@ -252,6 +260,8 @@ class ApiServer:
             result = await handler(params, peer_uid)
         except ApiRejectedError as err:
             return _error(request_id, "rejected", str(err))
+        except ApiParamsError as err:
+            return _error(request_id, "invalid_params", str(err))
         except Exception as err:
             log.exception("api_handler_failed", method=method, peer_uid=peer_uid)
             return _error(request_id, "internal_error", f"{type(err).__name__}: {err}")

@@ -221,6 +221,10 @@ class Store:
         self.close()
 
     @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
             raise StoreError(f"the store {self.path} is not open; call open() first")

@@ -1,0 +1,614 @@
+"""``bessgw run``: the gateway daemon, one asyncio process around the 1 kHz C loop.
+
+Tasks of the process::
+
+    pollers, CAN reader  --readings-->  MeasurementStore
+    input cycle (10 ms)  --site/unit inputs-->  fast loop (C thread, 1 kHz)
+    fast loop  --setpoints-->  PCS writers (one task per PCS, at its own rate)
+    supervision (100 ms) --drain ring--> Telemetry: store, metrics, faults,
+                         disturbance records; loop health -> WATCHDOG=1;
+                         state machine -> STATUS=, events
+    planner (60 s), retention (10 min), local API, metrics listener
+
+Signals: SIGTERM ramps every PCS to 0 kW within ``service.sigterm_ramp_s``,
+disables them, flushes the store and returns exit code 0. SIGHUP loads and
+validates the configuration file again and applies the control, safety
+and store settings, or keeps the running ones and logs why. SIGINT acts
+like SIGTERM, for a terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from gateway.config import ConfigError, SiteConfig, load_config
+from gateway.control import law
+from gateway.control.layout import Fault
+from gateway.control.loop import make_loop
+from gateway.forecast.hints import HintBook
+from gateway.measurements import MeasurementStore
+from gateway.plant_io import Command, PlantIO
+from gateway.service.api import ApiServer, DemandResponseParams
+from gateway.service.metrics import Metrics
+from gateway.service.notify import Notifier
+from gateway.service.store import Store
+from gateway.service.telemetry import Telemetry
+from gateway.states import Conditions, Mode, State, StateMachine, Transition
+
+log = structlog.get_logger(__name__)
+
+INPUT_PERIOD_S = 0.010
+SUPERVISE_PERIOD_S = 0.100
+RETENTION_PERIOD_S = 600.0
+#: How long SIGTERM waits for each PCS to confirm 0 kW and disabled after the ramp.
+SHUTDOWN_CONFIRM_S = 5.0
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CapOverride:
+    cap_kw: float
+    expires_mono_s: float
+    expires_utc: float
+    operator: str
+
+
+class Daemon:
+    """The running gateway. Build with a validated configuration, then ``await run()``."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        config_path: str | Path | None = None,
+        *,
+        environ: dict[str, str] | None = None,
+        plant_factory: Callable[[SiteConfig, MeasurementStore], PlantIO] = PlantIO,
+    ) -> None:
+        self.config = config
+        self.config_path = None if config_path is None else Path(config_path)
+        self.notifier = Notifier(environ)
+        self.machine = StateMachine()
+        self.mode = Mode.AUTO
+        self.manual_kw = 0.0
+        self.cap_override: CapOverride | None = None
+        self.hints = HintBook()
+        #: Demand-response events by id; each lowers the cap by ``reduce_kw`` while it runs.
+        self.dr_events: dict[str, DemandResponseParams] = {}
+        self._dr_active: frozenset[str] = frozenset()
+        self.measurements = MeasurementStore()
+        self.plant = plant_factory(config, self.measurements)
+        self.pcs_names = self.plant.pcs_names
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        self.store = _store_for(config)
+        self.loop = make_loop(config, len(self.pcs_names))
+        self.base_params = self.loop.params
+        self.telemetry: Telemetry | None = None
+        self.api = ApiServer(config.service.api_socket, self._api_handlers())
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bessgw-store")
+        self._store_failing = False
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._ramp: tuple[float, np.ndarray] | None = None
+        self._last_setpoints = np.zeros(len(self.pcs_names))
+        self._last_enabled = np.ones(len(self.pcs_names), bool)
+        self._ready = False
+        self._last_kick_mono_s = 0.0
+        self._loop_healthy = False
+        self._started_utc = time.time()
+
+    # -- life cycle -------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the process exit code."""
+        aio = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            aio.add_signal_handler(signum, self._request_stop, signum)
+        aio.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            await self._start()
+            await self._serve()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                aio.remove_signal_handler(signum)
+            await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        self.notifier.status("init: opening the store and the devices")
+        await self._store_call(self.store.open)
+        await self._record_event("daemon_started", f"bessgw started with {self._config_name()}")
+        service = self.config.service
+        if service.metrics_port:
+            self.metrics = Metrics()
+            self.metrics_port = self.metrics.serve(service.metrics_host, service.metrics_port)
+            self.metrics.mode.state(self.mode.value)
+            self.metrics.state.state(self.machine.state.value)
+        self.telemetry = Telemetry(
+            store=self.store,
+            submit=self._submit,
+            metrics=self.metrics,
+            unit_names=self.pcs_names,
+            record_dtype=self.loop.record_dtype,
+            rate_hz=float(self.config.control.rate_hz),
+            station=self.config.site.name,
+        )
+        await self.api.start()
+        await self.plant.start(self._command)
+        self._tasks = [
+            asyncio.create_task(self._input_cycle(), name="inputs"),
+            asyncio.create_task(self._supervise(), name="supervise"),
+            asyncio.create_task(self._retention(), name="retention"),
+        ]
+
+    async def _serve(self) -> None:
+        """Wait for a stop request, handling reloads; a task that dies ends the daemon."""
+        while not self._stop.is_set():
+            reload_wait = asyncio.create_task(self._reload.wait())
+            stop_wait = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait(
+                [reload_wait, stop_wait, *self._tasks], return_when=asyncio.FIRST_COMPLETED
+            )
+            reload_wait.cancel()
+            stop_wait.cancel()
+            for task in self._tasks:
+                if task in done:
+                    error = task.exception() if not task.cancelled() else None
+                    raise RuntimeError(f"daemon task {task.get_name()} ended: {error!r}") from error
+            if self._reload.is_set():
+                self._reload.clear()
+                await self.reload()
+
+    def _request_stop(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self._stop.is_set():
+            log.warning("stop_already_requested", signal=name)
+            return
+        log.info("stop_requested", signal=name)
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        """Ramp every PCS to 0, disable it, stop everything, flush the store."""
+        transition = self.machine.stop("stop requested")
+        if transition is not None:
+            await self._on_transition(transition)
+        self.notifier.stopping(
+            f"stopping: ramping PCS to 0 kW within {self.config.service.sigterm_ramp_s:g} s"
+        )
+        try:
+            await self._ramp_to_zero()
+            confirmed = await self.plant.shutdown_pcs(SHUTDOWN_CONFIRM_S)
+            log.info("pcs_shutdown", confirmed=confirmed)
+        except Exception:
+            log.exception("pcs_shutdown_failed")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.api.stop()
+        await self.plant.stop()
+        self.loop.stop()
+        records = self.loop.drain()
+        if self.telemetry is not None:
+            offset = time.time() - time.monotonic()
+            self.telemetry.process(records, offset)
+            self.telemetry.flush(offset)
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.store.is_open:
+            await self._record_event("daemon_stopped", "bessgw stopped")
+            await self._store_call(self.store.close)
+        self._db.shutdown(wait=True)
+        self.notifier.close()
+        log.info("daemon_stopped")
+
+    async def _ramp_to_zero(self) -> None:
+        """Lower every commanded setpoint linearly to 0 over ``service.sigterm_ramp_s``."""
+        ramp_s = self.config.service.sigterm_ramp_s
+        start = self._last_setpoints.copy()
+        t0 = time.monotonic()
+        self._ramp = (t0, start)
+        log.info("sigterm_ramp", ramp_s=ramp_s, from_kw=[round(float(p), 1) for p in start])
+        # The PCS writers read the ramp through _command(); this only waits it out.
+        await asyncio.sleep(ramp_s)
+        self._ramp = (t0 - ramp_s, start)
+
+    # -- commands to the PCS ---------------------------------------------
+
+    def _command(self, index: int) -> Command:
+        """Return the setpoint the PCS writer of unit ``index`` should send now."""
+        state = self.machine.state
+        if state is State.STOPPING:
+            ramp = self._ramp
+            if ramp is None:
+                p = float(self._last_setpoints[index])
+            else:
+                t0, start = ramp
+                frac = max(0.0, 1.0 - (time.monotonic() - t0) / self.config.service.sigterm_ramp_s)
+                p = float(start[index]) * frac
+            # The ramp keeps each unit's enable state; shutdown_pcs() disables them after it.
+            return Command(p, bool(self._last_enabled[index]))
+        setpoints = self.loop.setpoints()
+        loop_p = float(setpoints.setpoint_kw[index])
+        loop_enabled = bool(setpoints.enabled[index])
+        if state in (State.INIT, State.STANDBY) or self.mode is Mode.STANDBY:
+            p, enabled = 0.0, loop_enabled
+        elif state is State.FAULT or self.mode is Mode.AUTO:
+            p, enabled = loop_p, loop_enabled
+        else:
+            p, enabled = self._manual_command(index, loop_p, loop_enabled)
+        self._last_setpoints[index] = p
+        self._last_enabled[index] = enabled
+        return Command(p, enabled)
+
+    def _manual_command(self, index: int, loop_p: float, loop_enabled: bool) -> tuple[float, bool]:
+        """Share ``manual_kw`` by rating, clipped to the unit's BMS window.
+
+        A unit with a fault bit or a safe action in force follows the loop instead.
+        """
+        record = self.telemetry.last_record if self.telemetry is not None else None
+        if record is None:
+            return 0.0, loop_enabled
+        unit = record["units"][index]
+        if int(unit["reaction"]) != 0 or int(unit["fault_bits"]) != 0:
+            return loop_p, loop_enabled
+        rated = np.asarray(self.loop.params.rated_kw, float)
+        share = self.manual_kw * float(rated[index] / rated.sum())
+        high = float(unit["discharge_cap_kw"]) if np.isfinite(unit["discharge_cap_kw"]) else 0.0
+        low = -float(unit["charge_cap_kw"]) if np.isfinite(unit["charge_cap_kw"]) else 0.0
+        return float(np.clip(share, low, high)), loop_enabled
+
+    # -- cycles -----------------------------------------------------------
+
+    async def _input_cycle(self) -> None:
+        """Copy the newest readings into the loop's inputs every ``INPUT_PERIOD_S``."""
+        site, units = self.loop.new_inputs()
+        next_t = time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.measurements.check_stale(now)
+            self.plant.fill_inputs(site, units, now)
+            self.loop.write_inputs(site, units)
+            next_t += INPUT_PERIOD_S
+            delay = next_t - time.monotonic()
+            if delay < 0:
+                next_t = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    async def _wait_for_devices(self) -> None:
+        """Stay in ``init`` until every device has answered, updating STATUS= as devices come up.
+
+        The fast loop starts only afterwards, so its first ticks see fresh
+        inputs and no interlock latches on the empty inputs of the start.
+        """
+        waiting: list[str] = []
+        # Polled: device answers arrive through several drivers with no common event.
+        while not self.measurements.all_answered():
+            now_waiting = self.measurements.waiting_for()
+            if now_waiting != waiting:
+                waiting = now_waiting
+                self.notifier.status("init: waiting for " + ", ".join(waiting))
+                log.info("waiting_for_devices", devices=waiting)
+            await asyncio.sleep(SUPERVISE_PERIOD_S / 2)
+        # Two input cycles, so the loop's first snapshot holds every device.
+        await asyncio.sleep(2 * INPUT_PERIOD_S)
+        self.loop.start()
+
+    async def _supervise(self) -> None:
+        """Drain the ring, check loop health, feed the watchdog, update the state."""
+        assert self.telemetry is not None
+        await self._wait_for_devices()
+        while True:
+            await asyncio.sleep(SUPERVISE_PERIOD_S)
+            records = self.loop.drain()
+            self.telemetry.process(records, time.time() - time.monotonic())
+            health = self.loop.health()
+            healthy = health.running and not health.stalled and health.ticks > 0
+            self._watch_loop(healthy, health)
+            self._expire_cap_override()
+            self._update_demand_response()
+            transition = self.machine.update(self._conditions(healthy))
+            if transition is not None:
+                await self._on_transition(transition)
+            self._update_metrics(health)
+
+    def _watch_loop(self, healthy: bool, health: Any) -> None:
+        if healthy != self._loop_healthy:
+            if healthy:
+                log.info("fast_loop_healthy", ticks=health.ticks)
+            else:
+                log.error(
+                    "fast_loop_stalled",
+                    since_last_tick_ms=health.since_last_tick_ns / 1e6,
+                    missed=health.missed,
+                    hint="WATCHDOG=1 stops; systemd restarts the service after WatchdogSec",
+                )
+            self._loop_healthy = healthy
+        if not healthy:
+            return
+        # The watchdog is fed from this health check only: a stalled loop
+        # stops the pings even while the event loop itself runs on.
+        interval = self.notifier.watchdog_interval_s
+        now = time.monotonic()
+        if interval is not None and now - self._last_kick_mono_s >= min(interval / 2, 1.0):
+            self.notifier.watchdog()
+            self._last_kick_mono_s = now
+        elif interval is None and self.notifier.enabled:
+            self.notifier.watchdog()
+
+    def _conditions(self, loop_healthy: bool) -> Conditions:
+        fault_causes: list[str] = []
+        degraded: list[str] = []
+        record = self.telemetry.last_record if self.telemetry is not None else None
+        if record is not None:
+            site_bits = int(record["fault_bits"]) & 0xFF
+            if site_bits:
+                fault_causes.append("site faults " + _bit_names(site_bits))
+            unit_bits = record["units"]["fault_bits"]
+            faulted = [self.pcs_names[i] for i in range(len(self.pcs_names)) if unit_bits[i]]
+            if faulted and len(faulted) == len(self.pcs_names):
+                fault_causes.append(
+                    "every PCS faulted: "
+                    + ", ".join(
+                        f"{name} {_bit_names(int(unit_bits[i]))}"
+                        for i, name in enumerate(self.pcs_names)
+                    )
+                )
+            elif faulted:
+                degraded.append("PCS faulted: " + ", ".join(faulted))
+        down = [name for name in self.measurements.devices if not self.measurements.health(name).up]
+        if down and self.machine.state is not State.INIT:
+            degraded.append("devices down: " + ", ".join(down))
+        if self._store_failing:
+            degraded.append("store writes failing")
+        return Conditions(
+            mode=self.mode,
+            loop_healthy=loop_healthy,
+            devices_answered=self.measurements.all_answered(),
+            fault_causes=tuple(fault_causes),
+            degraded_causes=tuple(degraded),
+        )
+
+    async def _on_transition(self, transition: Transition) -> None:
+        level = "error" if transition.new is State.FAULT else "info"
+        getattr(log, level)(
+            "state_changed",
+            old=transition.old.value,
+            new=transition.new.value,
+            cause=transition.cause,
+        )
+        status = f"{transition.new.value}: {transition.cause}"
+        if (
+            not self._ready
+            and transition.new is not State.INIT
+            and transition.new is not State.STOPPING
+        ):
+            self._ready = True
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+        if self.metrics is not None:
+            self.metrics.state.state(transition.new.value)
+        if self.store.is_open:
+            await self._record_event(
+                "state_changed",
+                f"{transition.old.value} -> {transition.new.value}: {transition.cause}",
+                severity="error" if transition.new is State.FAULT else "info",
+                data={
+                    "old": transition.old.value,
+                    "new": transition.new.value,
+                    "cause": transition.cause,
+                },
+            )
+
+    def _update_metrics(self, health: Any) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.loop_ticks.set(health.ticks)
+        m.loop_missed.set(health.missed)
+        m.loop_lateness_max.set(health.max_late_ns / 1e9)
+        m.loop_ring_overflows.set(health.overflows)
+        m.loop_healthy.set(1 if self._loop_healthy else 0)
+        m.cap_kw.set(float(np.asarray(self.loop.params.cap_kw, float)))
+        now = time.monotonic()
+        for name in self.measurements.devices:
+            device = self.measurements.health(name)
+            m.device_up.labels(device=name, role=device.role).set(1 if device.up else 0)
+            if device.last_ok_mono_s is not None:
+                m.device_age.labels(device=name, role=device.role).set(now - device.last_ok_mono_s)
+
+    async def _retention(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_PERIOD_S)
+            result = await self._store_call(self.store.enforce_retention)
+            if result is not None and result.total:
+                log.info(
+                    "store_retention",
+                    **{
+                        k: getattr(result, k)
+                        for k in ("events", "faults", "aggregates", "disturbances")
+                    },
+                )
+
+    # -- cap override and configuration -------------------------------------
+
+    def _apply_params(self) -> None:
+        """Publish the configured parameters with the cap override and demand response applied.
+
+        The cap in force is the override's cap (or the configured one),
+        lowered by the sum of ``reduce_kw`` of the demand-response events
+        running now, and kept above the grid floor.
+        """
+        params = self.base_params
+        base_cap = float(np.asarray(params.cap_kw, float))
+        cap = self.cap_override.cap_kw if self.cap_override is not None else base_cap
+        reduce_kw = sum(self.dr_events[event_id].reduce_kw for event_id in self._dr_active)
+        if reduce_kw:
+            cap = min(cap, base_cap - reduce_kw)
+        floor = float(np.asarray(params.floor_kw, float))
+        if cap <= floor:
+            # NOTE: the law needs cap > floor; a deeper demand-response cut is
+            # held at 1 kW above the floor and the rest is not delivered.
+            cap = floor + 1.0
+        if cap != base_cap:
+            params = params.replace(cap_kw=cap)
+        self.loop.set_params(params)
+
+    def _update_demand_response(self) -> None:
+        now = time.time()
+        active = frozenset(
+            event_id for event_id, e in self.dr_events.items() if e.start_utc <= now < e.end_utc
+        )
+        if active == self._dr_active:
+            return
+        for event_id in active - self._dr_active:
+            log.info(
+                "dr_event_started", event_id=event_id, reduce_kw=self.dr_events[event_id].reduce_kw
+            )
+        for event_id in self._dr_active - active:
+            log.info("dr_event_ended", event_id=event_id)
+        self._dr_active = active
+        self.dr_events = {k: e for k, e in self.dr_events.items() if e.end_utc > now}
+        self._apply_params()
+
+    def _expire_cap_override(self) -> None:
+        override = self.cap_override
+        if override is not None and time.monotonic() >= override.expires_mono_s:
+            self.cap_override = None
+            self._apply_params()
+            log.info("cap_override_expired", cap_kw=override.cap_kw, operator=override.operator)
+            self._submit(
+                self.store.add_event,
+                "cap_override_expired",
+                f"cap override {override.cap_kw:g} kW by {override.operator} expired",
+            )
+
+    async def reload(self) -> bool:
+        """Load the configuration file again and apply it; keep the running one on any problem."""
+        self.notifier.reloading()
+        try:
+            ok, why = await self._try_reload()
+        finally:
+            self.notifier.ready(f"{self.machine.state.value}: configuration reload done")
+        if ok:
+            log.info("config_reloaded", path=str(self.config_path), changed=why)
+            await self._record_event("config_reloaded", f"configuration reloaded: {why}")
+        else:
+            log.error("config_reload_rejected", path=str(self.config_path), reason=why)
+            await self._record_event("config_reload_rejected", why, severity="error")
+        return ok
+
+    async def _try_reload(self) -> tuple[bool, str]:
+        if self.config_path is None:
+            return False, "the daemon was started without a configuration file"
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as err:
+            return False, "kept the running configuration: " + "; ".join(err.problems)
+        if new.devices != self.config.devices:
+            return False, (
+                "kept the running configuration: the device list changed, which needs a "
+                "restart (systemctl restart bessgw)"
+            )
+        if (
+            new.service.api_socket != self.config.service.api_socket
+            or (new.service.metrics_host, new.service.metrics_port)
+            != (self.config.service.metrics_host, self.config.service.metrics_port)
+            or (new.service.state_dir != self.config.service.state_dir)
+            or new.control.rate_hz != self.config.control.rate_hz
+        ):
+            return False, (
+                "kept the running configuration: state_dir, api_socket, metrics_host/port and "
+                "control.rate_hz take effect only at a restart"
+            )
+        try:
+            params = law.LawParams.from_config(new, len(self.pcs_names))
+        except ValueError as err:
+            return False, f"kept the running configuration: {err}"
+        changed = [
+            section
+            for section in ("site", "control", "safety", "service")
+            if getattr(new, section) != getattr(self.config, section)
+        ]
+        self.config = new
+        self.base_params = params
+        self._apply_params()
+        self.store.max_bytes = round(new.service.store_max_mb * MB)
+        self.store.max_age_s = new.service.store_max_age_days * 86400.0
+        return True, ", ".join(changed) or "nothing changed"
+
+    # -- store access -------------------------------------------------------
+
+    async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a store method on the store's thread and wait for it (acknowledged after commit)."""
+        aio = asyncio.get_running_loop()
+        return await aio.run_in_executor(self._db, lambda: fn(*args, **kwargs))
+
+    def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Queue a store write without waiting; a failure is logged once and degrades the state."""
+        future = self._db.submit(fn, *args, **kwargs)
+        future.add_done_callback(self._write_done)
+
+    def _write_done(self, future: concurrent.futures.Future[Any]) -> None:
+        error = future.exception()
+        if error is None:
+            if self._store_failing:
+                self._store_failing = False
+                log.info("store_writes_recovered", path=str(self.store.path))
+            return
+        if not self._store_failing:
+            self._store_failing = True
+            log.error("store_write_failed", path=str(self.store.path), error=repr(error))
+
+    async def _record_event(self, kind: str, message: str, **fields: Any) -> int | None:
+        """Add an event and wait for its commit; None when the store failed (logged once)."""
+        try:
+            return await self._store_call(self.store.add_event, kind, message, **fields)
+        except Exception as err:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(err)
+            self._write_done(future)
+            return None
+
+    def _config_name(self) -> str:
+        return (
+            str(self.config_path) if self.config_path is not None else "an in-memory configuration"
+        )
+
+    def _api_handlers(self) -> dict[str, Any]:
+        from gateway.daemon_api import handlers  # noqa: PLC0415 - the module imports Daemon
+
+        return handlers(self)
+
+
+def _store_for(config: SiteConfig) -> Store:
+    service = config.service
+    return Store(
+        service.state_dir,
+        max_bytes=round(service.store_max_mb * MB),
+        max_age_s=service.store_max_age_days * 86400.0,
+    )
+
+
+def _bit_names(bits: int) -> str:
+    names = []
+    for i in range(32):
+        if bits & (1 << i):
+            try:
+                names.append(Fault(1 << i).name)
+            except ValueError:
+                names.append(f"BIT{i}")
+    return "|".join(names)

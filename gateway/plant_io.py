@@ -1,0 +1,343 @@
+"""The daemon's connection to the plant: pollers, CAN readers, PCS writers, and loop inputs.
+
+:class:`PlantIO` builds from the site configuration, with the drivers in
+``drivers/``:
+
+* one :class:`~drivers.modbus.link.ModbusLink` per physical link (devices
+  that share a TCP endpoint or a serial device share its link), and one
+  :class:`~drivers.modbus.device.ModbusDevice` poller per Modbus device;
+* one :class:`~drivers.can.bms.BmsString` per BMS, fed by a
+  :class:`~drivers.can.reader.CanReader` per CAN link;
+* one PCS writer task per PCS, which sends the setpoint that the daemon's
+  ``command(index)`` returns, at the PCS's own rate.
+
+:meth:`PlantIO.fill_inputs` turns the newest readings into the fast loop's
+input records. Signs: grid +import, load +consumption, PCS +discharge. The
+site load the loop sees is ``racks + facility - renewables``; a site without
+rack meters derives it from the balance ``grid + sum(PCS power)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from drivers.can.bms import BmsString, BmsStringConfig, Severity
+from drivers.can.reader import CanLink, CanReader
+from drivers.modbus.device import DeviceState, ModbusDevice
+from drivers.modbus.link import ModbusLink
+from drivers.modbus.profile import Profile, load_profile
+from drivers.quality import Quality, Reading
+from gateway.config import Device, SiteConfig
+from gateway.measurements import MeasurementStore
+from gateway.pcs_writer import PcsWriter
+
+log = structlog.get_logger(__name__)
+
+#: Multipliers from a point's unit to kW.
+_TO_KW = {"W": 1e-3, "kW": 1.0, "MW": 1e3}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """What one PCS should do now: ``p_kw`` (+discharge) and whether it is enabled."""
+
+    p_kw: float
+    enabled: bool
+
+
+CommandSource = Callable[[int], Command]
+
+
+class PlantIO:
+    """Devices of one site; see the module docstring."""
+
+    def __init__(self, config: SiteConfig, measurements: MeasurementStore) -> None:
+        self.config = config
+        self.measurements = measurements
+        self.profiles: dict[str, Profile] = {}
+        self.links: dict[str, ModbusLink] = {}
+        self.devices: dict[str, ModbusDevice] = {}
+        self.bms: dict[str, BmsString] = {}
+        self.can_readers: list[CanReader] = []
+        self.pcs: list[Device] = [d for d in config.devices if d.role == "pcs"]
+        self.pcs_names = tuple(d.name for d in self.pcs)
+        self.pcs_bms = _pair_bms(config)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writers: list[Any] = []
+        for device in config.devices:
+            measurements.add_device(device.name, device.role, device.effective_stale_ms / 1000)
+            if device.role == "bms":
+                self.bms[device.name] = BmsString(BmsStringConfig.from_site(device, config.safety))
+            else:
+                self.profiles[device.name] = load_profile(device.profile)
+
+    async def start(self, command: CommandSource) -> None:
+        """Open every link and start the pollers, CAN readers and PCS writers."""
+        for device in self.config.devices:
+            if device.role == "bms":
+                continue
+            key = _link_key(device)
+            link = self.links.get(key)
+            if link is None:
+                link = ModbusLink.from_transport(
+                    device.transport, timeout_s=device.timeout_ms / 1000
+                )
+                self.links[key] = link
+                await link.start()
+            self.devices[device.name] = ModbusDevice(
+                device.name,
+                self.profiles[device.name],
+                link,
+                device.unit_id,
+                device.poll_period_ms / 1000,
+                device.timeout_ms / 1000,
+                device.effective_stale_ms / 1000,
+            )
+        for name, poller in self.devices.items():
+            self._tasks.append(asyncio.create_task(poller.run(self._on_poll), name=f"poll {name}"))
+        self._start_can()
+        for index, device in enumerate(self.pcs):
+            writer = _make_writer(device, self.devices[device.name], self.config)
+            self._writers.append(writer)
+            self._tasks.append(
+                asyncio.create_task(
+                    self._write_loop(index, writer, command), name=f"pcs {device.name}"
+                )
+            )
+        self._tasks.append(asyncio.create_task(self._watch_bms(), name="bms"))
+
+    def _start_can(self) -> None:
+        by_link: dict[tuple[str, str], list[BmsString]] = {}
+        links: dict[tuple[str, str], CanLink] = {}
+        for device in self.config.devices:
+            if device.role != "bms":
+                continue
+            link = CanLink.from_transport(device.transport)
+            key = (link.interface, link.channel)
+            links[key] = link
+            by_link.setdefault(key, []).append(self.bms[device.name])
+        for key, strings in by_link.items():
+
+            def sink(message: Any, t_mono_s: float, strings: list[BmsString] = strings) -> None:
+                for string in strings:
+                    string.on_message(message, t_mono_s)
+
+            reader = CanReader(links[key], sink)
+            reader.start()
+            self.can_readers.append(reader)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for reader in self.can_readers:
+            await asyncio.to_thread(reader.stop)
+        self.can_readers = []
+        for link in self.links.values():
+            with contextlib.suppress(Exception):
+                await link.close()
+        self.links = {}
+
+    def reset_faults(self) -> None:
+        """Operator reset of every PCS writer's latched write fault."""
+        for writer in self._writers:
+            if writer.faulted:
+                writer.reset()
+
+    async def shutdown_pcs(self, timeout_s: float) -> dict[str, bool]:
+        """Command 0 kW and disable every PCS; return which ones confirmed by read-back."""
+        results: dict[str, bool] = {}
+        for device, writer in zip(self.pcs, self._writers, strict=True):
+            try:
+                await asyncio.wait_for(writer.shutdown(), timeout_s)
+                results[device.name] = True
+            except Exception as err:
+                # One line with the reason; the traceback adds nothing for a failed write.
+                log.error("pcs_shutdown_unconfirmed", device=device.name, error=repr(err))  # noqa: TRY400
+                results[device.name] = False
+        return results
+
+    # -- polling -----------------------------------------------------------
+
+    def _on_poll(self, name: str, readings: dict[str, Reading]) -> None:
+        now = time.monotonic()
+        device = self.devices[name]
+        self.measurements.update(name, readings, now)
+        if device.state is DeviceState.ONLINE:
+            self.measurements.mark_ok(name, now)
+        else:
+            self.measurements.mark_error(name, str(device.last_error or device.state.value), now)
+
+    async def _watch_bms(self) -> None:
+        """Copy BMS snapshots into the measurement store at 10 Hz."""
+        while True:
+            now = time.monotonic()
+            for name, string in self.bms.items():
+                snapshot = string.snapshot(now)
+                self.measurements.update(name, dict(snapshot.readings), now)
+                if snapshot.power_allowed:
+                    self.measurements.mark_ok(name, now)
+                else:
+                    self.measurements.mark_error(name, snapshot.reason or snapshot.state.value, now)
+            await asyncio.sleep(0.1)
+
+    async def _write_loop(self, index: int, writer: Any, command: CommandSource) -> None:
+        period_s = writer.period_s
+        while True:
+            order = command(index)
+            await writer.apply(order.p_kw, order.enabled)
+            await asyncio.sleep(period_s)
+
+    # -- loop inputs -------------------------------------------------------
+
+    def fill_inputs(self, site: np.ndarray, units: np.ndarray, now_mono_s: float) -> None:
+        """Write the newest readings into the loop's site and unit input records."""
+        grid = self._meter_sum("grid_meter", now_mono_s)
+        _put(site, "grid", grid)
+        _put(site, "load", self._net_load(grid, now_mono_s))
+        for i, device in enumerate(self.pcs):
+            self._fill_unit(units[i : i + 1], device, now_mono_s)
+
+    def _meter_power(self, device: Device, now: float) -> Reading:
+        settings = self.profiles[device.name].meter
+        point = settings.get("power_point", "p_kw")
+        sign = float(settings.get("power_sign", 1))
+        return _scaled(self.measurements.reading(device.name, point, now), sign)
+
+    def _meter_sum(self, role: str, now: float) -> Reading:
+        readings = [self._meter_power(d, now) for d in self.config.devices if d.role == role]
+        return _sum(readings, now)
+
+    def _net_load(self, grid: Reading, now: float) -> Reading:
+        racks = [d for d in self.config.devices if d.role == "rack_meter"]
+        if not racks:
+            pcs = [self._pcs_power(d, now) for d in self.pcs]
+            return _sum([grid, *pcs], now)
+        parts = [self._meter_power(d, now) for d in racks]
+        parts += [
+            self._meter_power(d, now) for d in self.config.devices if d.role == "facility_meter"
+        ]
+        renewables = [
+            _scaled(self._meter_power(d, now), -1.0)
+            for d in self.config.devices
+            if d.role == "renewable_meter"
+        ]
+        return _sum(parts + renewables, now)
+
+    def _pcs_power(self, device: Device, now: float) -> Reading:
+        settings = self.profiles[device.name].pcs
+        point = settings.get("active_power_point", "W")
+        sign = float(settings.get("active_power_sign", 1))
+        return _scaled(self.measurements.reading(device.name, point, now), sign)
+
+    def _fill_unit(self, unit: np.ndarray, device: Device, now: float) -> None:
+        power = self._pcs_power(device, now)
+        unit["pcs_p_kw"] = power.value if power.good else np.nan
+        unit["pcs_quality"] = int(power.quality)
+        unit["pcs_t_ns"] = round(power.t_mono_s * 1e9)
+        writer_faulted = bool(self._writers) and self._writers[self.pcs.index(device)].faulted
+        unit["pcs_fault"] = int(self._pcs_faulted(device, now) or writer_faulted)
+        bms_name = self.pcs_bms.get(device.name)
+        if bms_name is None:
+            unit["bms_quality"] = int(Quality.STALE)
+            return
+        snapshot = self.bms[bms_name].snapshot(now)
+        soc = snapshot.readings.get("soc_pct")
+        voltage = snapshot.readings.get("pack_voltage_v")
+        charge_kw, discharge_kw = snapshot.power_window_kw()
+        good = bool(
+            snapshot.power_allowed
+            and soc is not None
+            and soc.good
+            and voltage is not None
+            and voltage.good
+        )
+        unit["soc_pct"] = soc.value if good else np.nan
+        unit["bms_voltage_v"] = voltage.value if good else np.nan
+        volts = float(voltage.value) if good else np.nan
+        # The loop takes limits in A; the window in kW already fails closed on
+        # enable flags and alarms, so convert it back at the pack voltage.
+        unit["bms_charge_limit_a"] = charge_kw * 1000 / volts if good else np.nan
+        unit["bms_discharge_limit_a"] = discharge_kw * 1000 / volts if good else np.nan
+        unit["bms_quality"] = int(Quality.GOOD if good else Quality.STALE)
+        unit["bms_t_ns"] = round(snapshot.t_mono_s * 1e9)
+        unit["bms_protection"] = int(
+            any(a.severity >= Severity.PROTECTION for a in snapshot.alarms)
+        )
+
+    def _pcs_faulted(self, device: Device, now: float) -> bool:
+        settings = self.profiles[device.name].pcs
+        point = settings.get("status_point")
+        if point is None:
+            return False
+        status = self.measurements.reading(device.name, point, now)
+        return bool(status.good and status.value in settings.get("status_fault_values", []))
+
+
+def _pair_bms(config: SiteConfig) -> dict[str, str]:
+    """Pair each PCS with the BMS of its battery: its ``bms`` key, else in file order.
+
+    Pairing by order applies only when no PCS names a BMS and the counts
+    match. A PCS left without a BMS gets STALE BMS inputs, so the loop's
+    BMS interlock keeps it at 0 kW.
+    """
+    pcs = [d for d in config.devices if d.role == "pcs"]
+    bms = [d.name for d in config.devices if d.role == "bms"]
+    if any(p.bms is not None for p in pcs):
+        pairs = {p.name: p.bms for p in pcs if p.bms is not None}
+    elif len(bms) == len(pcs):
+        pairs = {p.name: b for p, b in zip(pcs, bms, strict=True)}
+    else:
+        pairs = {}
+    for device in pcs:
+        if device.name not in pairs:
+            log.warning(
+                "pcs_without_bms",
+                device=device.name,
+                hint="set bms = NAME on the PCS; until then its BMS interlock holds it at 0 kW",
+            )
+    return pairs
+
+
+def _link_key(device: Device) -> str:
+    transport = device.transport
+    if transport.kind == "tcp":
+        return f"tcp {transport.host}:{transport.port}"
+    return f"rtu {transport.device}"
+
+
+def _scaled(reading: Reading, factor: float) -> Reading:
+    if not reading.good:
+        return reading
+    multiplier = _TO_KW.get(reading.unit, 1.0) * factor
+    return Reading(float(reading.value) * multiplier, Quality.GOOD, reading.t_mono_s, "kW")
+
+
+def _sum(readings: list[Reading], now: float) -> Reading:
+    """Sum readings; any one not GOOD makes the sum that quality, with the oldest time."""
+    if not readings:
+        return Reading.bad(Quality.NOT_IMPLEMENTED, now, "kW")
+    bad = [r for r in readings if not r.good]
+    oldest = min(r.t_mono_s for r in readings)
+    if bad:
+        return Reading.bad(max(r.quality for r in bad), oldest, "kW")
+    return Reading(sum(float(r.value) for r in readings), Quality.GOOD, oldest, "kW")
+
+
+def _put(site: np.ndarray, name: str, reading: Reading) -> None:
+    site[f"{name}_kw"] = reading.value if reading.good else np.nan
+    site[f"{name}_quality"] = int(reading.quality)
+    site[f"{name}_t_ns"] = round(reading.t_mono_s * 1e9)
+
+
+def _make_writer(device: Device, poller: ModbusDevice, config: SiteConfig) -> PcsWriter:
+    return PcsWriter(device, poller, config)
