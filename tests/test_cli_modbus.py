@@ -237,7 +237,10 @@ def test_read_connection_refused(capsys):
         (["127.0.0.1:502", "70000"], "invalid register address '70000'"),
         (["127.0.0.1:502", "zero"], "invalid register address 'zero'"),
         (["127.0.0.1:99999", "0"], "invalid port in '127.0.0.1:99999'"),
-        (["127.0.0.1", "0", "--type", "f32", "--count", "3"], "--count 3 does not hold whole f32"),
+        (
+            ["127.0.0.1", "0", "--type", "f32", "--count", "3"],
+            "--count 3 is not a whole number of f32",
+        ),
         (["127.0.0.1", "0", "--type", "str"], "--type str needs --count"),
         (["127.0.0.1", "0", "--count", "126"], "invalid --count 126"),
         (["127.0.0.1", "0", "--timeout", "0"], "invalid --timeout 0"),
@@ -360,7 +363,7 @@ def test_scan_finds_sunspec_models(capsys, pcs):
         capsys, "modbus", "scan", f"127.0.0.1:{port}", "--units", "1-3", "--timeout", "0.2"
     )
     assert code == 0
-    assert "1 of 3 unit id(s) answered" in out
+    assert "1 of 3 unit id(s) responded" in out
     assert (
         "unit 2: SunSpec at 40000: models 1 at 40002 (L 66), 103 at 40070 (L 50), "
         "120 at 40122 (L 26), 123 at 40150 (L 24), 124 at 40176 (L 24), "
@@ -374,16 +377,16 @@ def test_scan_non_sunspec_unit(capsys, meter):
         capsys, "modbus", "scan", f"127.0.0.1:{port}", "--units", "1", "--timeout", "0.2"
     )
     assert code == 0
-    assert "unit 1: answers, no SunSpec map" in out
+    assert "unit 1: responds, no SunSpec map" in out
 
 
-def test_scan_nothing_answers(capsys, pcs):
+def test_scan_nothing_responds(capsys, pcs):
     _, port = pcs
     code, _, err = run_cli(
         capsys, "modbus", "scan", f"127.0.0.1:{port}", "--units", "5,7", "--timeout", "0.1"
     )
     assert code == 1
-    assert "no unit id in 5,7 answered within 0.1 s" in err
+    assert "no unit id in 5,7 responded within 0.1 s" in err
 
 
 def test_scan_bad_units(capsys):

@@ -13,7 +13,7 @@ from drivers.modbus import codec
 
 
 def f32(value: float) -> float:
-    """Round ``value`` to the nearest float32, the value a device holds."""
+    """Round ``value`` to the nearest float32, the value a device stores."""
     return struct.unpack(">f", struct.pack(">f", value))[0]
 
 

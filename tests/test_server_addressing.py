@@ -1,7 +1,7 @@
-"""The simulator answers wire address a with the register the profile puts at a.
+"""A read of wire address a returns the register the profile puts at a.
 
 A pymodbus data block built naively (``ModbusSequentialDataBlock(0, values)``)
-answers address 0 with the value meant for address 1. These tests read the
+returns the value meant for address 1 when address 0 is read. These tests read the
 simulator with a plain pymodbus client, so a pymodbus upgrade that shifts
 addresses fails here first.
 """
@@ -105,7 +105,7 @@ async def test_write_read_only_rejected(served):
     assert server.get_point("h2") == 0x1002
 
 
-async def test_other_unit_gets_no_answer(served):
+async def test_other_unit_gets_no_response(served):
     _, _, port = served
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=0.3, retries=0)
     assert await client.connect()

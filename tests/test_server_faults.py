@@ -65,17 +65,17 @@ async def test_exception_fault_function_filter(pcs):
     assert not (await read_w(client)).isError()
 
 
-async def test_drop_next_answers(pcs):
+async def test_drop_next_responses(pcs):
     server, client = pcs
     server.faults.drop_next = 1
     with pytest.raises(ModbusIOException):
         await read_w(client)
     assert server.faults.drop_next == 0
-    # The connection stays usable after a dropped answer.
+    # The connection stays usable after a dropped response.
     assert not (await read_w(client)).isError()
 
 
-async def test_drop_all_answers(pcs):
+async def test_drop_all_responses(pcs):
     server, client = pcs
     server.faults.drop_all = True
     with pytest.raises(ModbusIOException):
@@ -84,10 +84,10 @@ async def test_drop_all_answers(pcs):
     assert not (await read_w(client)).isError()
 
 
-async def test_delay_answers(pcs):
+async def test_delay_responses(pcs):
     server, client = pcs
     server.faults.delay_s = 2.0
-    # The client gives up after 0.5 s, well before the delayed answer.
+    # The client gives up after 0.5 s, well before the delayed response.
     with pytest.raises(ModbusIOException):
         await read_w(client)
     assert server.requests[-1] == (3, 40084, 2)

@@ -1,6 +1,6 @@
 """The simulator over Modbus RTU on a pseudo-terminal: exact response bytes of a BMS read.
 
-A BMS answers function 04 at 0x1000 with 23 registers. Register 0 is the
+A BMS returns 23 registers from 0x1000 for function 04. Register 0 is the
 pack voltage (0.01 V), register 1 the signed current (0.01 A, negative while
 discharging) and register 8 the SoC (0.1 %).
 """

@@ -1,7 +1,7 @@
 """Register codec: turn 16-bit Modbus registers into numbers and strings, and back.
 
 A point's value is stored in one or more 16-bit registers. Devices disagree on
-two things: which register holds the most significant word, and which byte of
+two things: which register contains the most significant word, and which byte of
 a register comes first on the wire. The ``order`` of a point names both, with
 the letters of the big-endian value (A = most significant byte)::
 
@@ -258,11 +258,10 @@ def encode_many(values: Sequence[Value], type_: str, order: str = "ABCD") -> lis
 def is_sentinel_value(value: Value, type_: str, accumulator: bool = False) -> bool:
     """Tell whether a decoded raw value is the type's "no value" sentinel.
 
-    The sentinels are int16 ``0x8000``, uint16 ``0xFFFF`` (also enum16 and
-    bitfield16), int32 ``0x80000000``, uint32 ``0xFFFFFFFF``, uint64 all
-    ``0xFFFF``, int64 ``0x8000000000000000``, any float NaN, an empty string
-    (all-NUL registers, as SunSpec marks an unimplemented string), and 0 for
-    a point flagged as a SunSpec accumulator.
+    The integer sentinels are in :data:`SENTINELS`. Any float NaN is a
+    sentinel too. An empty string (all-NUL registers) is one, because SunSpec
+    marks an unimplemented string that way. A point flagged as a SunSpec
+    accumulator also treats 0 as no value.
     """
     if type_ == "str":
         return value == ""
@@ -276,7 +275,7 @@ def is_sentinel_value(value: Value, type_: str, accumulator: bool = False) -> bo
 def is_sentinel(
     registers: Sequence[int], type_: str, order: str = "ABCD", accumulator: bool = False
 ) -> bool:
-    """Tell whether ``registers`` hold the "no value" sentinel of ``type_``.
+    """Tell whether ``registers`` contain the "no value" sentinel of ``type_``.
 
     The check is made on the decoded value, so an int32 sentinel in CDAB
     order (``0000 8000`` on the wire) is found as well.

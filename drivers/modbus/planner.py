@@ -3,7 +3,7 @@
 A read (FC 03 or FC 04) returns at most 125 contiguous registers. Points a
 few registers apart are cheaper to read together, so the planner merges
 them when the unused registers between them are at most ``max_gap_regs``;
-a device that answers an exception for unmapped registers gets a gap of 0.
+a device that responds with an exception for unmapped registers gets a gap of 0.
 
 A value and its SunSpec scale factor are always in the same request: a
 device may change the factor with the value (a DC power of 590.00 W is

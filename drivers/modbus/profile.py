@@ -87,7 +87,7 @@ SCALE_FACTOR_RANGE = (-10, 10)
 class ProfileError(ValueError):
     """A profile file is missing, is not TOML, or breaks a rule.
 
-    ``problems`` holds one line per error; each names the point and the fix.
+    ``problems`` lists one line per error, and each line names the point and the fix.
     """
 
     def __init__(self, path: str | Path, problems: list[str]) -> None:
@@ -160,8 +160,8 @@ class Profile:
 def builtin_profiles() -> list[str]:
     """Return the names of the Modbus profiles shipped in ``drivers/profiles``.
 
-    The folder also holds profiles of other protocols (CAN BMS); only files
-    with a ``[profile]`` table are Modbus device profiles.
+    The folder also contains profiles of other protocols (CAN BMS). Only
+    files with a ``[profile]`` table are Modbus device profiles.
     """
     folder = resources.files("drivers") / "profiles"
     names = []

@@ -4,28 +4,28 @@ The HIL rig and the tests run the real drivers against this server on
 127.0.0.1 (TCP) or on a pseudo-terminal (RTU)::
 
     server = RegisterServer(load_profile("meter-3ph"), unit_id=1)
-    server.set_point("p_kw", 12.5)            # engineering units, scaled as the profile says
+    server.set_point("p_kw", 12.5)            # engineering units, scaled per the profile
     port = await server.start_tcp()           # binds 127.0.0.1 on a free port
     ...
-    server.faults.delay_s = 0.5               # every answer 0.5 s late
+    server.faults.delay_s = 0.5               # every response 0.5 s late
     server.faults.exception_for(40000, 10)    # exception 02 for 40000..40009
     await server.stop()
 
-Address map: wire address *a* answers the register the profile assigns to
+Address map: a request for wire address *a* returns the register the profile assigns to
 *a* (0-based, no +1 shift). Holding and input registers are separate spaces.
 Per function, every address from the first to the last point of the profile
-answers, and registers between points read as 0. Addresses outside that span
-answer exception 02 (illegal data address), as real devices do. FC 01/02
-answer 16 zero bits at 0..15 because pymodbus needs a bit block.
+responds, and registers between points read as 0. Addresses outside that span
+get exception 02 (illegal data address), as on real devices. FC 01/02
+return 16 zero bits at 0..15 because pymodbus needs a bit block.
 
 Writes (FC 06/16) are accepted only when every register written belongs to a
-``writable`` point; other writes answer exception 02. The server answers only
+``writable`` point; other writes get exception 02. The server responds only
 its own unit id and stays silent for other ids, as an RTU device on a shared
 bus does.
 
 Fault hooks (:class:`Faults`) are consulted on every request: an exception
-code for an address range, a delay before the answer, dropping answers, and
-frozen registers that keep answering the values they had when frozen.
+code for an address range, a delay before the response, dropped responses, and
+frozen registers that keep returning the values they had when frozen.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _WRITE_CODES = {6, 16, 22, 23}
 
 @dataclass
 class ExceptionRule:
-    """Answer requests touching ``first..last`` (wire addresses, inclusive) with ``code``."""
+    """Exception ``code`` for requests touching ``first..last`` (wire addresses, inclusive)."""
 
     first: int
     last: int
@@ -74,16 +74,16 @@ class Faults:
     """Faults the server injects; change the fields at any time, they apply to the next request.
 
     Delays and exception rules apply to register requests of the server's
-    own unit. Dropping works on the encoded answer, so it covers every answer.
+    own unit. Dropping works on the encoded response, so it covers every response.
     """
 
-    #: Seconds to wait before answering each register request.
+    #: Seconds to wait before responding to each register request.
     delay_s: float = 0.0
-    #: Drop every answer while True (the client times out).
+    #: Drop every response while True (the client times out).
     drop_all: bool = False
-    #: Drop this many of the next answers, then answer normally again.
+    #: Drop this many of the next responses, then respond normally again.
     drop_next: int = 0
-    #: Answer reads with the registers as they were when this was set True.
+    #: Return the registers as they were when this was set True.
     frozen: bool = False
     exceptions: list[ExceptionRule] = field(default_factory=list)
 
@@ -94,7 +94,7 @@ class Faults:
         code: ExcCodes = ExcCodes.ILLEGAL_ADDRESS,
         function: str | None = None,
     ) -> ExceptionRule:
-        """Answer requests that touch ``count`` registers from ``address`` with ``code``."""
+        """Add a rule: requests touching ``count`` registers from ``address`` get ``code``."""
         rule = ExceptionRule(address, address + count - 1, code, function)
         self.exceptions.append(rule)
         return rule
@@ -151,7 +151,7 @@ class RegisterServer:
     """A Modbus device simulated from a :class:`Profile`, served over TCP and/or RTU.
 
     The register image is shared by every transport started, so one server
-    can answer on TCP and RTU at once. Methods that change registers may be
+    can respond on TCP and RTU at once. Methods that change registers may be
     called before or after starting; they are not thread-safe and belong on
     the event loop's thread.
     """
@@ -168,7 +168,7 @@ class RegisterServer:
         self.unit_id = unit_id
         self.on_write = on_write
         self.faults = Faults()
-        #: The last 1000 requests answered or rejected: (function code, address, count).
+        #: The last 1000 register requests served or rejected: (function code, address, count).
         self.requests: collections.deque[tuple[int, int, int]] = collections.deque(maxlen=1000)
         self._images = {fn: _Image(profile.points_for(fn)) for fn in FUNCTIONS}
         self._points = {p.name: p for p in profile.points}
@@ -193,7 +193,7 @@ class RegisterServer:
         image.words[offset : offset + len(words)] = words
 
     def get_registers(self, function: str, address: int, count: int) -> list[int]:
-        """Return raw registers of ``function`` as the model holds them (ignores ``frozen``)."""
+        """Return raw registers of ``function`` from the model image (ignores ``frozen``)."""
         image = self._image(function)
         if not image.contains(address, count):
             raise ValueError(
@@ -222,7 +222,7 @@ class RegisterServer:
         )
 
     def get_point(self, name: str) -> codec.Value | None:
-        """Return a point's engineering value, or None when it holds its sentinel."""
+        """Return a point's engineering value, or None when it contains its sentinel."""
         point = self._point(name)
         raw = codec.decode(
             self.get_registers(point.function, point.address, point.count), point.type, point.order
@@ -267,7 +267,8 @@ class RegisterServer:
             sf = self.get_point(point.scale_factor)
             if sf is None:
                 raise ValueError(
-                    f"scale factor {point.scale_factor!r} of {point.name!r} holds no value"
+                    f"scale factor {point.scale_factor!r} of {point.name!r} is missing (sentinel); "
+                    "set it before the points it scales"
                 )
             return 10.0**sf
         return point.scale if point.scale is not None else 1
@@ -301,7 +302,7 @@ class RegisterServer:
         return bound_port
 
     async def start_rtu(self, serial_port: str, baudrate: int = 19200) -> None:
-        """Answer Modbus RTU on ``serial_port`` (a tty, or one end of a pty pair)."""
+        """Serve Modbus RTU on ``serial_port`` (a tty, or one end of a pty pair)."""
         server = ModbusSerialServer(
             self._sim_device(), port=serial_port, baudrate=baudrate, **self._hooks()
         )
@@ -377,7 +378,7 @@ class RegisterServer:
         registers: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
-        """Copy the model image into ``registers``, which pymodbus then answers with."""
+        """Copy the model image into ``registers``, which pymodbus then sends in the response."""
         if function_code in _WRITE_CODES and set_values is None:
             # pymodbus 3.16 reads the register back to build the FC 06 echo. The
             # Modbus echo repeats the request, so it must not see later changes.

@@ -2,7 +2,7 @@
 
 Commissioning engineers use these commands to check a device before writing
 a profile: read a few registers in every type and order, write a setting
-and read it back, find which unit ids answer on a link. All requests go
+and read it back, find which unit ids respond on a link. All requests go
 through the gateway's own transaction engine (:mod:`drivers.modbus.link`).
 """
 
@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     scan = actions.add_parser(
         "scan",
-        help="list the unit ids that answer and the SunSpec models they carry",
+        help="list the unit ids that respond and the SunSpec models they carry",
         usage="bessgw modbus scan (HOST[:PORT] | --rtu DEVICE) [--units 1-247] [options]",
     )
     scan.add_argument("operands", nargs="*", metavar="HOST[:PORT]", help="device address")
@@ -150,7 +150,7 @@ def _add_link_options(parser: argparse.ArgumentParser, default_timeout_s: float 
         type=float,
         default=default_timeout_s,
         metavar="SECONDS",
-        help=f"answer timeout per request in seconds (default {default_timeout_s:g})",
+        help=f"response timeout per request in seconds (default {default_timeout_s:g})",
     )
 
 
@@ -277,7 +277,7 @@ def run_with_link(
 
 
 def decode_registers(registers: list[int], type_: str, order: str, scale: float | None) -> Any:
-    """Decode what a read returned: one value, or a list when it holds several."""
+    """Decode what a read returned: one value, or a list when it contains several."""
     if type_ == "str":
         return codec.decode(registers, "str", order)
     values = codec.decode_many(registers, type_, order)
@@ -304,7 +304,7 @@ def run_read(args: argparse.Namespace) -> int:
     if args.type != "str" and count % codec.register_count(args.type):
         size = codec.register_count(args.type)
         raise CliError(
-            f"--count {count} does not hold whole {args.type} values of {size} registers: "
+            f"--count {count} is not a whole number of {args.type} values of {size} registers: "
             f"use a multiple of {size}",
             EXIT_USAGE,
         )
@@ -411,13 +411,13 @@ def run_write(args: argparse.Namespace) -> int:
 
 
 async def probe_unit(link: ModbusLink, unit: int) -> bool:
-    """Tell whether ``unit`` answers at all: any answer, even an exception, counts."""
+    """Tell whether ``unit`` responds at all: any response, even an exception, counts."""
     try:
         await link.read(unit, 3, SUNSPEC_BASES[0], 2)
     except ModbusTimeout:
         return False
     except ModbusExceptionResponse as err:
-        # A gateway answering 0x0A/0x0B reports that no device has this id.
+        # A gateway that returns 0x0A/0x0B reports that no device has this id.
         return not err.device_unreachable
     return True
 
@@ -467,10 +467,12 @@ def run_scan(args: argparse.Namespace) -> int:
     # Silent unit ids are expected here, so timeouts must not drop the TCP connection.
     options = {} if target.serial_device is not None else {"drop_after_timeouts": 0}
     found = run_with_link(target, args.timeout, scan, **options)
-    print(f"{target.describe()}: {len(found)} of {len(units)} unit id(s) answered")
+    print(f"{target.describe()}: {len(found)} of {len(units)} unit id(s) responded")
     for unit, sunspec in found:
         if sunspec is None:
-            print(f"  unit {unit}: answers, no SunSpec map at {', '.join(map(str, SUNSPEC_BASES))}")
+            print(
+                f"  unit {unit}: responds, no SunSpec map at {', '.join(map(str, SUNSPEC_BASES))}"
+            )
             continue
         base, models = sunspec
         listed = ", ".join(
@@ -479,7 +481,7 @@ def run_scan(args: argparse.Namespace) -> int:
         print(f"  unit {unit}: SunSpec at {base}: models {listed or 'none'}")
     if not found:
         raise CliError(
-            f"{target.describe()}: no unit id in {args.units} answered within {args.timeout:g} s; "
+            f"{target.describe()}: no unit id in {args.units} responded within {args.timeout:g} s; "
             "check the unit ids, the wiring or IP route, and on RTU the baud rate and parity",
             EXIT_IO,
         )
