@@ -134,7 +134,10 @@ def run_read(args: argparse.Namespace) -> int:
         raise CliError(f"invalid --watch {args.watch}: expected seconds > 0", EXIT_USAGE)
     if args.reads is not None and args.reads < 1:
         raise CliError(f"invalid --reads {args.reads}: expected 1 or more", EXIT_USAGE)
-    reads = args.reads if args.reads is not None else (None if args.watch else 1)
+    # Without --reads: one read, or no limit with --watch.
+    reads = args.reads
+    if reads is None and not args.watch:
+        reads = 1
     device_config, profile = find_device(args.config, args.name)
     timeout_s = device_config.timeout_ms / 1000
 

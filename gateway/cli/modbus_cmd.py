@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Target:
-    """Where the device is: a TCP host and port, or a serial device for RTU."""
+    """Device address: a TCP host and port, or a serial device for RTU."""
 
     host: str | None = None
     port: int = 502
