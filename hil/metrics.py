@@ -167,8 +167,10 @@ def welch_psd(
     Welch's method: Hann-windowed segments of ``segment_s`` (cut to the
     signal if it is shorter), 50 % overlap, each segment's mean removed,
     density scaling so that integrating the PSD over frequency gives the
-    variance. This matches ``scipy.signal.welch`` with its default
-    ``window='hann'``, ``detrend='constant'`` and ``scaling='density'``.
+    variance. It gives the same result, to 1e-10 relative, as scipy 1.17.1
+    ``scipy.signal.welch(x, fs_hz, nperseg=n, noverlap=n // 2)`` with
+    ``n = round(segment_s * fs_hz)`` and scipy's default Hann window,
+    constant detrend and density scaling; scipy is not a dependency.
     Returns (frequencies in Hz, PSD).
     """
     x = np.asarray(x, dtype=float)
@@ -177,7 +179,7 @@ def welch_psd(
     nperseg = min(round(segment_s * fs_hz), x.size)
     if nperseg < 8:
         raise ValueError(f"signal of {x.size} samples is too short for a spectrum; need at least 8")
-    step = nperseg // 2
+    step = nperseg - nperseg // 2  # overlap of nperseg // 2 samples, as scipy
     window = np.hanning(nperseg + 1)[:-1]  # periodic Hann, as scipy uses
     scale = 1.0 / (fs_hz * np.sum(window**2))
     starts = range(0, x.size - nperseg + 1, step)
