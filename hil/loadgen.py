@@ -21,7 +21,7 @@ parameter                   default      source
                                          last about 8 s and 12 s
 ``job_ramp_s``              3.0          measured: the training trace rises from 3.1 to
                                          7.0 kW within 4 s at its start and falls to 3.1 kW
-                                         within 4 s at its end; the H200 inference trace
+                                         within 4 s at its end. The H200 inference trace
                                          steps from 2.7 to 5.8 kW within 2 s
 ``iteration_period_s``      1.5          assumption: Llama-class training steps take about
                                          a second or more; the 2-s trace cannot resolve it
@@ -41,7 +41,9 @@ parameter                   default      source
 ==========================  ===========  ==================================================
 
 All numbers marked "assumption" are plausible values for sizing tests, not
-measurements. A scenario overrides any of them.
+measurements. A scenario overrides any of them. The measured trace does not
+say what its two long dips are. They are its only multi-second stalls, so
+they stand in for checkpoints here.
 """
 
 from __future__ import annotations
