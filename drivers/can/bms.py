@@ -268,6 +268,8 @@ class BmsString:
             self._check_silence(t_mono_s)
             if self._state is BmsState.SILENT:
                 self._set_state(BmsState.RECOVERING, "frames resumed after silence", t_mono_s)
+            elif self._state is BmsState.ONLINE:
+                self._check_late_frames(t_mono_s)
             self._last_frame_t = t_mono_s
             self._frame_t[frame_id] = t_mono_s
 
@@ -353,7 +355,7 @@ class BmsString:
     # -- time --------------------------------------------------------------
 
     def _check_silence(self, now: float) -> None:
-        """Enter SILENT after the stale time without frames; leave ONLINE if a set frame is late."""
+        """Enter SILENT when no frame arrived for more than the stale time."""
         last = self._last_frame_t if self._last_frame_t is not None else self._t_start
         if self._state is not BmsState.SILENT and now - last > self._stale_s:
             self._consistent_sets = 0
@@ -362,18 +364,22 @@ class BmsString:
             self._set_state(
                 BmsState.SILENT, f"no frame for more than {self._stale_s:g} s", last + self._stale_s
             )
-            return
-        if self._state is BmsState.ONLINE:
-            for frame_id in sorted(self.config.profile.frame_set):
-                seen = self._frame_t.get(frame_id, self._t_start)
-                if now - seen > self._stale_s:
-                    self._consistent_sets = 0
-                    self._set_state(
-                        BmsState.RECOVERING,
-                        f"frame 0x{frame_id:X} not received for more than {self._stale_s:g} s",
-                        now,
-                    )
-                    return
+
+    def _check_late_frames(self, now: float) -> None:
+        """Leave ONLINE when frames still arrive but one frame of the set stopped.
+
+        Checked on each frame, not in :meth:`snapshot`: when the whole link
+        goes quiet the string passes straight from ONLINE to SILENT.
+        """
+        for frame_id in sorted(self.config.profile.frame_set):
+            if now - self._frame_t.get(frame_id, self._t_start) > self._stale_s:
+                self._consistent_sets = 0
+                self._set_state(
+                    BmsState.RECOVERING,
+                    f"frame 0x{frame_id:X} not received for more than {self._stale_s:g} s",
+                    now,
+                )
+                return
 
     def _set_state(self, state: BmsState, reason: str, t: float) -> None:
         if state is self._state:

@@ -73,7 +73,7 @@ def load_database(path: str | Path) -> cantools.database.can.Database:
         ) from err
     except (OSError, UnicodeDecodeError) as err:
         raise DbcError(f"DBC file {path} cannot be read: {err}") from err
-    except Exception as err:  # cantools raises ParseError, ValueError or KeyError
+    except cantools.database.Error as err:
         raise DbcError(f"DBC file {path} is not a valid DBC: {err}") from err
     if not isinstance(database, cantools.database.can.Database):
         raise DbcError(f"{path} loaded as {type(database).__name__}, not a CAN database")
