@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -76,7 +77,8 @@ class Daemon:
     ) -> None:
         self.config = config
         self.config_path = None if config_path is None else Path(config_path)
-        self.notifier = Notifier(environ)
+        self._environ = dict(os.environ if environ is None else environ)
+        self.notifier = Notifier(self._environ)
         self.machine = StateMachine()
         self.mode = Mode.AUTO
         self.manual_kw = 0.0
@@ -589,9 +591,9 @@ class Daemon:
         )
 
     def _api_handlers(self) -> dict[str, Any]:
-        from gateway.daemon_api import handlers  # noqa: PLC0415 - the module imports Daemon
+        from gateway.daemon_api import TEST_HOOKS_ENV, handlers  # noqa: PLC0415 - imports Daemon
 
-        return handlers(self)
+        return handlers(self, test_hooks=self._environ.get(TEST_HOOKS_ENV) == "1")
 
 
 def _store_for(config: SiteConfig) -> Store:

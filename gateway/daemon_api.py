@@ -28,6 +28,7 @@ from gateway.service.api import (
     OperatorParams,
     SetCapParams,
     SetModeParams,
+    StallParams,
 )
 from gateway.states import Mode, State
 
@@ -37,10 +38,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-def handlers(daemon: Daemon) -> dict[str, Any]:
-    """Return the API method table for ``daemon``."""
+#: Environment variable that enables the test hooks of the API (``test_stall_loop``).
+TEST_HOOKS_ENV = "BESSGW_TEST_HOOKS"
+
+
+def handlers(daemon: Daemon, *, test_hooks: bool = False) -> dict[str, Any]:
+    """Return the API method table for ``daemon``, with the test hooks when asked."""
     api = _Handlers(daemon)
-    return {
+    table = {
         "status": api.status,
         "measurements": api.measurements,
         "faults": api.faults,
@@ -52,6 +57,10 @@ def handlers(daemon: Daemon) -> dict[str, Any]:
         "add_job_hint": api.add_job_hint,
         "add_dr_event": api.add_dr_event,
     }
+    if test_hooks:
+        log.warning("api_test_hooks_enabled", env=TEST_HOOKS_ENV)
+        table["test_stall_loop"] = api.test_stall_loop
+    return table
 
 
 class _Handlers:
@@ -305,6 +314,12 @@ class _Handlers:
             peer_uid,
         )
         return {"event_id": event_id, "dr_event_id": params.event_id}
+
+    async def test_stall_loop(self, params: StallParams, peer_uid: int | None) -> dict[str, Any]:
+        """Stall the fast loop once, to prove that the watchdog stops and the state faults."""
+        log.warning("test_stall_loop", duration_ms=params.duration_ms, peer_uid=peer_uid)
+        self.d.loop.stall(params.duration_ms)
+        return {"stalled_ms": params.duration_ms}
 
     def _refuse_when_stopping(self) -> None:
         if self.d.machine.state is State.STOPPING:

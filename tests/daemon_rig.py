@@ -34,6 +34,8 @@ from drivers.modbus.profile import load_profile
 from drivers.modbus.server import RegisterServer
 
 LOAD_KW = 800.0
+#: Discharge window of the simulated BMS: 1000 A at 48.66 V.
+BMS_WINDOW_KW = 48.66
 
 
 def free_port() -> int:
@@ -60,7 +62,9 @@ class SlcanBms:
         self._thread.start()
 
     def _run(self) -> None:
-        frames = b"".join(slcan_line(fid, data, ext) for fid, ext, data in set_frames())
+        # 1000 A charge and discharge limits at 48.66 V: a 48.7 kW window.
+        frame_set = set_frames(limits_hex="140210271027CC01")
+        frames = b"".join(slcan_line(fid, data, ext) for fid, ext, data in frame_set)
         while not self._stop.wait(self.period_s):
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self.master, 4096)  # the adapter commands the daemon sends
@@ -159,7 +163,7 @@ name = "bms-1"
 role = "bms"
 profile = "bms-pylontech"
 transport = {{ kind = "can", interface = "slcan", channel = "{self.bms.path}" }}
-max_current_a = 400.0
+max_current_a = 1500.0
 
 [control]
 rate_hz = 1000

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
+import time
 import uuid
 
 import pytest
+from daemon_rig import DaemonRig
 
+from gateway.service.api import ApiClient
 from gateway.service.notify import Notifier
 
 
@@ -84,3 +89,57 @@ def test_notifier_socket_gone(tmp_path):
     assert notifier.watchdog() is False
     assert notifier.watchdog() is False
     assert notifier.failed_sends == 2
+
+
+# -- the daemon process ---------------------------------------------------------
+
+STALL_MS = 3000.0
+
+
+async def _watch(rig, seconds: float) -> None:
+    """Read notify messages every 20 ms for ``seconds`` so their times are accurate."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rig.read_notify()
+        await asyncio.sleep(0.02)
+
+
+async def test_daemon_notify_watchdog(tmp_path):
+    """READY and STATUS arrive; WATCHDOG pings stop while the fast loop stalls and resume after."""
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+    rig.write_config()
+    try:
+        await rig.start_daemon(("BESSGW_TEST_HOOKS", "1"))
+        t_ready = await rig.wait_notify("READY=1", 30)
+        ready = next(m for t, m in rig.notify_log if "READY=1" in m)
+        assert "STATUS=standby" in ready
+        assert "MAINPID=" in ready
+        assert any("STATUS=init: waiting for" in m for _, m in rig.notify_log)
+        await rig.wait_notify("STATUS=running", 10)
+        await _watch(rig, 1.5)
+        pings_before = [t for t, m in rig.notify_log if m == "WATCHDOG=1" and t > t_ready]
+        assert len(pings_before) >= 2
+
+        client = ApiClient(rig.api_socket)
+        await asyncio.to_thread(client.call, "test_stall_loop", duration_ms=STALL_MS)
+        t_stall = time.monotonic() - rig._started_mono_s
+        await _watch(rig, STALL_MS / 1000 + 3.0)
+
+        # One supervision cycle (0.1 s) may still ping before it sees the stall.
+        quiet_from, quiet_to = t_stall + 0.3, t_stall + STALL_MS / 1000 - 0.3
+        during = [t for t, m in rig.notify_log if m == "WATCHDOG=1" and quiet_from < t < quiet_to]
+        assert during == []
+        after = [
+            t for t, m in rig.notify_log if m == "WATCHDOG=1" and t > t_stall + STALL_MS / 1000
+        ]
+        assert after, rig.log_tail()
+        statuses = [m for t, m in rig.notify_log if t > t_stall and m.startswith("STATUS=fault")]
+        assert any("fast loop stalled" in m for m in statuses)
+
+        await rig.signal(signal.SIGTERM)
+        assert await rig.wait_exit(30) == 0
+        rig.read_notify()
+        assert any(m.startswith("STOPPING=1") for _, m in rig.notify_log)
+    finally:
+        await rig.close()

@@ -108,6 +108,12 @@ class DemandResponseParams(_Params):
     reduce_kw: float = Field(gt=0)
 
 
+class StallParams(_Params):
+    """Test hook: make the fast loop's next tick busy-wait this long."""
+
+    duration_ms: float = Field(gt=0, le=60_000)
+
+
 #: Every method, with the model its ``params`` must match.
 METHODS: dict[str, type[_Params]] = {
     "status": NoParams,
@@ -120,6 +126,8 @@ METHODS: dict[str, type[_Params]] = {
     "reset_faults": OperatorParams,
     "add_job_hint": JobHintParams,
     "add_dr_event": DemandResponseParams,
+    # Served only when the daemon starts with BESSGW_TEST_HOOKS=1 in its environment.
+    "test_stall_loop": StallParams,
 }
 
 Handler = Callable[[Any, int | None], Awaitable[dict[str, Any]]]

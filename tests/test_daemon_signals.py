@@ -1,0 +1,183 @@
+"""The daemon process under signals: SIGTERM ramps to 0 and exits 0; SIGHUP reloads or refuses;
+SIGKILL leaves the store intact with every acknowledged event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+
+from daemon_rig import BMS_WINDOW_KW, DaemonRig
+
+from gateway.service.api import ApiClient
+from gateway.service.store import Store
+
+
+async def _until(predicate, timeout_s: float, what: str, rig: DaemonRig):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{rig.log_tail()}")
+
+
+def _logged(rig: DaemonRig, event: str) -> list[dict]:
+    return [e for e in rig.log_events() if e.get("event") == event]
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    """Run ``bessgw ARGS`` without blocking the event loop that serves the simulators."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _status(rig: DaemonRig) -> dict:
+    return await asyncio.to_thread(ApiClient(rig.api_socket).call, "status")
+
+
+async def test_sigterm_ramps_to_zero(tmp_path):
+    """SIGTERM lowers the PCS setpoint in steps to 0 within the ramp time, disables it, exits 0."""
+    rig = DaemonRig(tmp_path, sigterm_ramp_s=1.0)
+    await rig.start_plant()
+    rig.write_config()
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("STATUS=running", 30)
+        # Load 800 kW over a 600 kW cap: the BMS window (48.66 kW) limits the discharge.
+        await _until(
+            lambda: rig.setpoints and rig.setpoints[-1][1] > 0.9 * BMS_WINDOW_KW,
+            15,
+            "the PCS setpoint to reach the BMS window",
+            rig,
+        )
+        assert rig.pcs.get_point("Conn") == 1
+
+        t_term = time.monotonic()
+        await rig.signal(signal.SIGTERM)
+        assert await rig.wait_exit(30) == 0
+
+        after = [(t - t_term, p) for t, p in rig.setpoints if t >= t_term]
+        values = [p for _, p in after]
+        assert values[-1] == 0.0
+        assert all(b <= a for a, b in zip(values, values[1:]))
+        # A ramp, not a step: several values between the start and 0.
+        assert len([p for p in values if 0.0 < p < 0.9 * BMS_WINDOW_KW]) >= 3
+        first_zero_s = next(t for t, p in after if p == 0.0)
+        assert first_zero_s <= rig.sigterm_ramp_s + 1.5
+        assert rig.pcs.get_point("Conn") == 0
+
+        shutdown = _logged(rig, "pcs_shutdown")
+        assert shutdown[-1]["confirmed"] == {"pcs-1": True}
+        with Store(rig.state_dir) as store:
+            assert store.integrity_check() == "ok"
+            kinds = [e["kind"] for e in store.events(limit=10_000)]
+        assert kinds[-1] == "daemon_stopped"
+        assert "state_changed" in kinds
+    finally:
+        await rig.close()
+
+
+async def test_sighup_reload_and_sigkill(tmp_path):
+    """SIGHUP applies a valid new cap and refuses a broken file; SIGKILL keeps every acked event."""
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+    rig.write_config()
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("STATUS=running", 30)
+        assert (await _status(rig))["cap_kw"] == 600.0
+
+        rig.write_config(grid_cap_kw="grid_cap_kw = 700.0")
+        await rig.signal(signal.SIGHUP)
+        await _until(lambda: _logged(rig, "config_reloaded"), 10, "config_reloaded", rig)
+        assert (await _status(rig))["cap_kw"] == 700.0
+        assert any(m == "RELOADING=1" for _, m in rig.read_notify())
+
+        rig.write_config(grid_cap_kw="grid_cap_kw = -5.0")
+        await rig.signal(signal.SIGHUP)
+        rejected = await _until(
+            lambda: _logged(rig, "config_reload_rejected"), 10, "config_reload_rejected", rig
+        )
+        assert "grid_cap_kw" in rejected[-1]["reason"]
+        status = await _status(rig)
+        assert status["cap_kw"] == 700.0
+        assert status["state"] == "running"
+
+        rig.config_path.write_text("this is [not toml")
+        await rig.signal(signal.SIGHUP)
+        await _until(
+            lambda: len(_logged(rig, "config_reload_rejected")) == 2, 10, "second rejection", rig
+        )
+        assert "not valid TOML" in _logged(rig, "config_reload_rejected")[-1]["reason"]
+
+        code, out, err = await _cli("status", "--socket", str(rig.api_socket))
+        assert code == 0, err
+        assert "site rig: running, mode auto" in out
+        assert "grid cap: 700 kW" in out
+
+        client = ApiClient(rig.api_socket)
+        acked = []
+        for i in range(30):
+            mode = "standby" if i % 2 == 0 else "auto"
+            result = await asyncio.to_thread(client.call, "set_mode", mode=mode, operator=f"op{i}")
+            acked.append((result["event_id"], f"op{i}"))
+        rig.proc.send_signal(signal.SIGKILL)
+        assert await rig.wait_exit(10) == -signal.SIGKILL
+
+        with Store(rig.state_dir) as store:
+            assert store.integrity_check() == "ok"
+            events = {e["id"]: e for e in store.events(limit=100_000)}
+        for event_id, operator in acked:
+            assert events[event_id]["kind"] == "mode_changed"
+            assert events[event_id]["source"] == operator
+    finally:
+        await rig.close()
+
+
+async def test_fault_reset_cli(tmp_path):
+    """A BMS that goes silent latches a fault; once frames return, `bessgw fault reset` clears it."""
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+    rig.write_config()
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("STATUS=running", 30)
+        rig.bms.silent.set()
+        await rig.wait_notify("STATUS=fault", 15)
+        status = await _status(rig)
+        assert "bms_silent" in [f["code"] for f in status["faults_active"]]
+        rig.bms.silent.clear()
+        # The latch holds after frames return: the state stays fault until the reset.
+        await _until(
+            lambda: _logged(rig, "bms_state_changed")[-1]["state"] == "online",
+            15,
+            "the BMS to come back online",
+            rig,
+        )
+        assert (await _status(rig))["state"] == "fault"
+
+        code, out, err = await _cli(
+            "fault", "reset", "--socket", str(rig.api_socket), "--operator", "alice"
+        )
+        assert code == 0, err
+        assert "bms_silent" in out
+        await rig.wait_notify("STATUS=running", 15)
+        faults = (await asyncio.to_thread(ApiClient(rig.api_socket).call, "faults"))["faults"]
+        bms = next(f for f in faults if f["code"] == "bms_silent")
+        assert bms["reset_by"] == "alice"
+        assert bms["active"] is False
+        assert json.dumps(faults)
+    finally:
+        await rig.close()
