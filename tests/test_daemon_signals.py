@@ -4,6 +4,7 @@ SIGKILL leaves the store intact with every acknowledged event."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import sys
@@ -71,7 +72,7 @@ async def test_sigterm_ramps_to_zero(tmp_path):
         after = [(t - t_term, p) for t, p in rig.setpoints if t >= t_term]
         values = [p for _, p in after]
         assert values[-1] == 0.0
-        assert all(b <= a for a, b in zip(values, values[1:]))
+        assert all(b <= a for a, b in itertools.pairwise(values))
         # A ramp, not a step: several values between the start and 0.
         assert len([p for p in values if 0.0 < p < 0.9 * BMS_WINDOW_KW]) >= 3
         first_zero_s = next(t for t, p in after if p == 0.0)
@@ -147,7 +148,7 @@ async def test_sighup_reload_and_sigkill(tmp_path):
 
 
 async def test_fault_reset_cli(tmp_path):
-    """A BMS that goes silent latches a fault; once frames return, `bessgw fault reset` clears it."""
+    """A silent BMS latches a fault; once frames return, `bessgw fault reset` clears it."""
     rig = DaemonRig(tmp_path)
     await rig.start_plant()
     rig.write_config()
