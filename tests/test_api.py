@@ -10,6 +10,7 @@ import stat
 
 import pytest
 
+from gateway.cli import main
 from gateway.service import api as api_module
 from gateway.service.api import ApiClient, ApiError, ApiRejectedError, ApiServer
 
@@ -195,3 +196,73 @@ def test_api_client_no_socket(tmp_path):
 def test_api_unknown_handler_name(tmp_path):
     with pytest.raises(ValueError, match="unknown API methods"):
         ApiServer(tmp_path / "a.sock", {"selfdestruct": _status})
+
+
+# -- the client commands ---------------------------------------------------------
+
+
+def test_cli_status_no_daemon(tmp_path, capsys):
+    """`bessgw status` without a daemon exits 1 and names the socket it tried."""
+    code = main(["status", "--socket", str(tmp_path / "none.sock")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "none.sock not found" in err
+
+
+def test_cli_status_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[site]\nname = 'x'\n")
+    assert main(["status", "--config", str(bad)]) == 2
+    assert "cannot take the API socket" in capsys.readouterr().err
+
+
+def test_cli_run_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("not toml [")
+    assert main(["run", "--config", str(bad), "--log-format", "console"]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+async def test_cli_commands_roundtrip(server, capsys):
+    """The operator commands send the right requests and print the answers."""
+    calls = []
+
+    async def record(name):
+        async def handler(params, peer_uid):
+            calls.append((name, params.model_dump()))
+            return {
+                "mode": "manual",
+                "manual_kw": 50.0,
+                "event_id": 7,
+                "cap_kw": 900.0,
+                "expires_utc": 1_800_000_000.0,
+                "cleared": True,
+                "requested": True,
+                "active_before": [],
+            }
+
+        return handler
+
+    for name in ("set_mode", "set_cap", "clear_cap", "reset_faults"):
+        server.handlers[name] = await record(name)
+    socket_args = ["--socket", str(server.path), "--operator", "bob"]
+    assert await asyncio.to_thread(main, ["mode", "manual", "--kw", "50", *socket_args]) == 0
+    assert await asyncio.to_thread(main, ["cap", "set", "900", "--for", "60", *socket_args]) == 0
+    assert await asyncio.to_thread(main, ["cap", "clear", *socket_args]) == 0
+    assert await asyncio.to_thread(main, ["fault", "reset", *socket_args]) == 0
+    assert calls == [
+        ("set_mode", {"mode": "manual", "manual_kw": 50.0, "operator": "bob"}),
+        ("set_cap", {"cap_kw": 900.0, "expires_in_s": 60.0, "operator": "bob"}),
+        ("clear_cap", {"operator": "bob"}),
+        ("reset_faults", {"operator": "bob"}),
+    ]
+    out = capsys.readouterr().out
+    assert "mode manual at 50 kW (event #7)" in out
+    assert "grid cap 900 kW until 2027-01-15" in out
+
+
+async def test_cli_rejected_exit_code(server, capsys):
+    """An action the daemon refuses exits 1 and prints the reason."""
+    code = await asyncio.to_thread(main, ["mode", "manual", "--socket", str(server.path)])
+    assert code == 1
+    assert "rejected" in capsys.readouterr().err

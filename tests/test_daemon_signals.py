@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import time
+import urllib.request
 
 from daemon_rig import BMS_WINDOW_KW, DaemonRig
 
@@ -28,6 +29,18 @@ async def _until(predicate, timeout_s: float, what: str, rig: DaemonRig):
 
 def _logged(rig: DaemonRig, event: str) -> list[dict]:
     return [e for e in rig.log_events() if e.get("event") == event]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Fetch the daemon's /metrics on 127.0.0.1 and return sample name (with labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:
@@ -50,7 +63,7 @@ async def _status(rig: DaemonRig) -> dict:
 
 async def test_sigterm_ramps_to_zero(tmp_path):
     """SIGTERM lowers the PCS setpoint in steps to 0 within the ramp time, disables it, exits 0."""
-    rig = DaemonRig(tmp_path, sigterm_ramp_s=1.0)
+    rig = DaemonRig(tmp_path, sigterm_ramp_s=1.0, metrics=True)
     await rig.start_plant()
     rig.write_config()
     try:
@@ -64,6 +77,16 @@ async def test_sigterm_ramps_to_zero(tmp_path):
             rig,
         )
         assert rig.pcs.get_point("Conn") == 1
+
+        metrics = await asyncio.to_thread(_scrape, rig.metrics_port)
+        assert metrics['bessgw_state{bessgw_state="running"}'] == 1.0
+        assert metrics['bessgw_device_up{device="grid",role="grid_meter"}'] == 1.0
+        assert metrics['bessgw_device_up{device="bms-1",role="bms"}'] == 1.0
+        assert metrics["bessgw_loop_healthy"] == 1.0
+        assert metrics["bessgw_loop_ticks"] > 0
+        assert metrics["bessgw_grid_cap_kw"] == 600.0
+        assert metrics['bessgw_pcs_setpoint_kw{device="pcs-1"}'] > 0.0
+        assert 0.0 < metrics['bessgw_soc_percent{device="pcs-1"}'] <= 100.0
 
         t_term = time.monotonic()
         await rig.signal(signal.SIGTERM)
