@@ -192,11 +192,17 @@ class SetpointPolicy:
         return Decision(p_write, q_write, heartbeat)
 
     def record_setpoint(
-        self, target: str, now_s: float, commanded: float, readback: float | None
+        self,
+        target: str,
+        now_s: float,
+        commanded: float,
+        readback: float | None,
+        error: str = "",
     ) -> bool:
         """Record a setpoint write and its read-back; return whether it was verified.
 
-        ``readback`` is ``None`` when the write or the read-back failed.
+        ``readback`` is ``None`` when the write or the read-back failed, and
+        ``error`` then says why; it becomes the fault's detail.
         """
         if target not in SETPOINT_TARGETS:
             raise ValueError(
@@ -211,7 +217,7 @@ class SetpointPolicy:
         if ok:
             detail = ""
         elif readback is None:
-            detail = f"write of {commanded:g} failed or was not read back"
+            detail = error or f"write of {commanded:g} failed or was not read back"
         else:
             detail = (
                 f"commanded {commanded:g}, read back {readback:g}, "
