@@ -35,6 +35,7 @@ from collections.abc import Callable
 import structlog
 
 from drivers.modbus import codec
+from drivers.modbus.block_decoder import BlockDecoder
 from drivers.modbus.errors import (
     ModbusConnectError,
     ModbusError,
@@ -44,7 +45,7 @@ from drivers.modbus.errors import (
     ModbusWriteVerifyError,
 )
 from drivers.modbus.link import Backoff, ModbusLink
-from drivers.modbus.planner import ReadBlock, decode_block, plan_reads
+from drivers.modbus.planner import ReadBlock, plan_reads
 from drivers.modbus.profile import SCALE_FACTOR_RANGE, Point, Profile
 from drivers.quality import Quality, Reading
 
@@ -129,6 +130,7 @@ class ModbusDevice:
         self.blocks: tuple[ReadBlock, ...] = tuple(
             plan_reads(profile.points, profile.max_gap_regs, profile.max_block_regs)
         )
+        self._decoders = tuple(BlockDecoder(block) for block in self.blocks)
         self.state = DeviceState.UNKNOWN
         #: Why the device last went offline.
         self.last_error: ModbusError | None = None
@@ -158,13 +160,14 @@ class ModbusDevice:
         (see the module table) and :attr:`state`.
         """
         self.polls += 1
+        started_mono_s = time.monotonic()
         answered = False
         for index, block in enumerate(self.blocks):
             status = self._blocks_status[index]
             if status.retry_at_mono_s > time.monotonic():
                 continue
             try:
-                registers = await self._read_block(block)
+                data = await self._read_block(block)
             except ModbusExceptionResponse as err:
                 answered = True
                 self._mark(self.blocks[index : index + 1], Quality.COMM_ERROR)
@@ -187,12 +190,15 @@ class ModbusDevice:
                 self._go_offline(DeviceState.LINK_DOWN, err)
                 return self.readings()
             answered = True
-            self._readings.update(decode_block(block, registers, time.monotonic()))
+            self._readings.update(self._decoders[index].decode_bytes(data, time.monotonic()))
             if status.rejected:
                 status.rejected = False
                 self._log.info("modbus block readable again", **_block_fields(block))
         if answered:
             self._go_online()
+        if time.monotonic() - started_mono_s < self.stale_s:
+            # Every block was read in this poll or holds COMM_ERROR: nothing can be stale.
+            return dict(self._readings)
         return self.readings()
 
     async def run(self, store_callback: StoreCallback) -> None:
@@ -223,12 +229,12 @@ class ModbusDevice:
         stale_s = self.stale_s
         return {name: reading.aged(now_mono_s, stale_s) for name, reading in self._readings.items()}
 
-    async def _read_block(self, block: ReadBlock) -> list[int]:
-        """Read one block, repeating it after acknowledge or busy answers."""
+    async def _read_block(self, block: ReadBlock) -> bytes:
+        """Read one block's data bytes, repeating the read after acknowledge or busy answers."""
         retries_left = self.busy_retries
         while True:
             try:
-                return await self.link.read(
+                return await self.link.read_register_bytes(
                     self.unit_id, block.function_code, block.address, block.count, self.timeout_s
                 )
             except ModbusExceptionResponse as err:

@@ -285,6 +285,20 @@ class ModbusLink:
             return framing.decode_registers(response, count)
         return framing.decode_bits(response, count)
 
+    async def read_register_bytes(
+        self, unit: int, function: int, address: int, count: int, timeout_s: float | None = None
+    ) -> bytes:
+        """Read ``count`` registers with function 3 or 4 and return their data bytes as received.
+
+        The result holds ``2 * count`` bytes, each register big-endian as on
+        the wire: what a precompiled decoder unpacks without building a list.
+        """
+        if function not in (3, 4):
+            raise ValueError(f"read_register_bytes reads function 3 or 4, got {function}")
+        request = framing.read_request_pdu(function, address, count)
+        response = await self._transact(unit, request, address, count, timeout_s)
+        return response[2:]
+
     async def write_register(
         self, unit: int, address: int, value: int, timeout_s: float | None = None
     ) -> None:

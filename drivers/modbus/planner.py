@@ -151,10 +151,13 @@ def decode_block(block: ReadBlock, registers: Sequence[int], t_mono_s: float) ->
         raw_values[point.name] = codec.decode(
             registers[offset : offset + point.count], point.type, point.order
         )
-    return {point.name: _reading(point, raw_values, t_mono_s) for point in block.points}
+    return {point.name: point_reading(point, raw_values, t_mono_s) for point in block.points}
 
 
-def _reading(point: Point, raw_values: dict[str, codec.Value], t_mono_s: float) -> Reading:
+def point_reading(
+    point: Point, raw_values: dict[str, codec.Value], t_mono_s: float
+) -> Reading:
+    """Turn ``point``'s raw value (and its scale factor's, from ``raw_values``) into a Reading."""
     raw = raw_values[point.name]
     if codec.is_sentinel_value(raw, point.type, point.accumulator):
         return Reading.bad(Quality.NOT_IMPLEMENTED, t_mono_s, point.unit)
