@@ -18,8 +18,8 @@ register swapped (letters are the value's bytes, A most significant)::
     BADC   B A D C         swapped   big         B A D C F E H G
     CDAB   C D A B         swapped   little      G H E F C D A B
 
-16-bit types ignore the word order, so ABCD and CDAB use the received view
-and BADC and DCBA the swapped one, both unpacked big-endian.
+For one register the same rule holds: CDAB reads the swapped view
+little-endian, which is the received register big-endian, as ABCD.
 """
 
 from __future__ import annotations
@@ -30,23 +30,10 @@ from drivers.modbus import codec
 from drivers.modbus.planner import ReadBlock, point_reading
 from drivers.quality import Reading
 
-_STRUCT_CODES = {
-    "u16": "H",
-    "i16": "h",
-    "u32": "I",
-    "i32": "i",
-    "u64": "Q",
-    "i64": "q",
-    "f32": "f",
-    "f64": "d",
-}
-#: order -> (read the byte-swapped view, unpack little-endian), for types of 32 bits and more.
-_WIDE_ORDERS = {
-    "ABCD": (False, False),
-    "DCBA": (False, True),
-    "BADC": (True, False),
-    "CDAB": (True, True),
-}
+# The codec's own tables, shared within the package so that both decoders
+# follow one definition of the types and orders.
+_STRUCT_CODE = codec._STRUCT_CODE
+_ORDER_RULES = codec._ORDER_RULES
 
 
 class BlockDecoder:
@@ -65,12 +52,12 @@ class BlockDecoder:
             if point.type == "str":
                 self._plan.append((point.name, False, None, offset))
                 continue
-            code = _STRUCT_CODES[point.type]
-            if codec.TYPE_REGISTERS[point.type] == 1:
-                swapped, little = point.order in ("BADC", "DCBA"), False
-            else:
-                swapped, little = _WIDE_ORDERS[point.order]
-            fmt = ("<" if little else ">") + code
+            reverse_words, swap_bytes = _ORDER_RULES[point.order]
+            # Reading the byte-swapped view little-endian reverses the words
+            # and keeps each word's bytes, so the view and the endianness
+            # together give all four orders, for one word as well as for four.
+            swapped = reverse_words != swap_bytes
+            fmt = ("<" if reverse_words else ">") + _STRUCT_CODE[point.type]
             self._plan.append((point.name, swapped, struct.Struct(fmt), offset))
         self._needs_swapped = any(swapped for _, swapped, _, _ in self._plan)
 
