@@ -19,8 +19,8 @@ import pytest
 
 from drivers.can.reader import CanLink
 
-#: Field-case frames as (frame id, is_extended, data hex).
-FC11_FRAMES = {
+#: Frames reported from the field, with known right values, as (frame id, is_extended, data hex).
+FRAME_SET_CASES = {
     "limits": (0x351, False, "1402740E740ECC01"),
     "soc_soh": (0x355, False, "1A006400"),
     "pack": (0x356, False, "021300004A01"),
@@ -30,18 +30,18 @@ FC11_FRAMES = {
     "name_pylon": (0x35E, False, "50594C4F4E202020"),
     "name_pytes": (0x35E, False, "5059544553"),
 }
-FC12_FRAMES = {
+SIGNED_CASES = {
     "current_word": (0x356, False, "021316FE4A01"),
     "pack_negative": (0x356, False, "0A0211FFBE000000"),
     "cold": (0x356, False, "0213000038FF"),
 }
-FC13_FRAMES = {
+LIMIT_CASES = {
     "negative_discharge": (0x351, False, "4502AC0354FCC001"),
     "positive_discharge": (0x351, False, "4502AC03AC03C001"),
     "small_limits": (0x351, False, "440264009CFF3F02"),
     "hv_offset": (0x4220, True, "A410200D2A763674"),
 }
-ALL_FIELD_FRAMES = {**FC11_FRAMES, **FC12_FRAMES, **FC13_FRAMES}
+FIELD_CASES = {**FRAME_SET_CASES, **SIGNED_CASES, **LIMIT_CASES}
 
 
 def frame_bytes(data_hex: str) -> bytes:

@@ -20,7 +20,6 @@ from gateway.config import load_config
 
 PROFILE_TEXT = (PROFILE_DIR / "bms-pylontech.toml").read_text(encoding="utf-8")
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[1] / "systemd" / "bessgw.example.toml"
-PACK_V = 48.66  # pack voltage of the standard frame set (0x356 02 13 ...)
 
 
 def make_string(max_current_a=1000.0, stale_s=5.0, frame_sets=3, profile=None) -> BmsString:
@@ -60,7 +59,7 @@ def profile_variant(tmp_path: Path, old: str, new: str):
     return load_bms_profile(path)
 
 
-# -- FC-13: limits normalised and capped ------------------------------------------
+# -- limits normalised and capped ---------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -144,7 +143,7 @@ def test_current_out_of_range():
     assert snap["battery_power_kw"].value is None
 
 
-# -- FC-14: silence and recovery ------------------------------------------------------
+# -- silence and recovery ----------------------------------------------------------
 
 
 def test_silence_and_recovery_cycle():

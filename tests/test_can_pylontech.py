@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from can_support import ALL_FIELD_FRAMES, frame_bytes
+from can_support import FIELD_CASES, frame_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +18,7 @@ def decode_hex(frame_id: int, data_hex: str, is_extended: bool | None = None):
     return decoded
 
 
-# -- FC-11: the frame set ------------------------------------------------------
+# -- the frame set ----------------------------------------------------------------
 
 
 def test_limits_frame():
@@ -86,7 +86,7 @@ def test_name_frame_dlc5():
     assert decoded.missing == ()
 
 
-# -- FC-12: signed current and temperature -------------------------------------
+# -- signed current and temperature ------------------------------------------------
 
 
 def test_pack_current_negative_word():
@@ -116,7 +116,7 @@ def encode_field(field: Field, value: float) -> bytes:
     return struct.pack(field.struct_format(), field.raw_from_value(value))
 
 
-# -- FC-13: limits with either sign or an offset --------------------------------
+# -- limits with either sign or an offset ------------------------------------------
 
 
 def test_limits_negative_discharge():
@@ -197,10 +197,10 @@ def test_cell_extremes_frame():
     }
 
 
-@pytest.mark.parametrize("case", sorted(ALL_FIELD_FRAMES))
+@pytest.mark.parametrize("case", sorted(FIELD_CASES))
 def test_field_frames_truncated(case):
     """Each prefix of a field-case frame decodes the fields inside it to their full values."""
-    frame_id, is_extended, data_hex = ALL_FIELD_FRAMES[case]
+    frame_id, is_extended, data_hex = FIELD_CASES[case]
     full = decode_hex(frame_id, data_hex, is_extended)
     data = frame_bytes(data_hex)
     for dlc in range(len(data) + 1):

@@ -1,8 +1,8 @@
 """CanReader over real links: python-can's virtual bus, slcan on a pseudo-terminal and socket://.
 
 The field cases run over both the virtual bus and slcan (the ``can_link``
-fixture). FC-14 is compressed in time: frames every 20 ms instead of 1 s and
-a stale time of 100 ms instead of 5 s. The assertions use the receive times
+fixture). The silence case is compressed in time: frames every 20 ms instead
+of 1 s and a stale time of 100 ms instead of 5 s. The assertions use the receive times
 the reader records, never the wall-clock speed of the machine.
 """
 
@@ -79,7 +79,7 @@ def snapshot_after(link, frames, bms: BmsString | None = None):
 # -- field cases over both links ----------------------------------------------------------
 
 
-def test_fc11_over_link(can_link):  # noqa: F811  (pytest fixture)
+def test_frame_set_over_link(can_link):  # noqa: F811  (pytest fixture)
     name = (0x35E, False, frame_bytes("5059544553"))
     snap = snapshot_after(can_link, [*set_frames(), name])
     assert snap["charge_voltage_limit_v"].value == 53.2
@@ -99,7 +99,7 @@ def test_fc11_over_link(can_link):  # noqa: F811  (pytest fixture)
     assert snap.alarms == ()
 
 
-def test_fc11_alarms_over_link(can_link):  # noqa: F811  (pytest fixture)
+def test_status_alarms_over_link(can_link):  # noqa: F811  (pytest fixture)
     snap = snapshot_after(can_link, [(0x359, False, frame_bytes("82000001 01504E"))])
     assert [a.name for a in snap.alarms] == [
         "protection_cell_over_voltage",
@@ -109,14 +109,14 @@ def test_fc11_alarms_over_link(can_link):  # noqa: F811  (pytest fixture)
     assert snap["module_count"].value == 1
 
 
-def test_fc12_over_link(can_link):  # noqa: F811  (pytest fixture)
+def test_signed_values_over_link(can_link):  # noqa: F811  (pytest fixture)
     snap = snapshot_after(can_link, [(0x356, False, frame_bytes("021311FF38FF"))])
     # -23.9 A from the BMS is 23.9 A of discharge in the gateway's sign.
     assert snap["battery_current_a"].value == 23.9
     assert snap["pack_temperature_c"].value == -20.0
 
 
-def test_fc13_over_link(can_link):  # noqa: F811  (pytest fixture)
+def test_limit_variants_over_link(can_link):  # noqa: F811  (pytest fixture)
     bms = make_bms()
     snap = snapshot_after(can_link, [(0x4220, True, frame_bytes("A410200D2A763674"))], bms)
     assert snap["charge_current_limit_a"].value == 25.0
@@ -128,7 +128,7 @@ def test_fc13_over_link(can_link):  # noqa: F811  (pytest fixture)
     assert snap["discharge_voltage_limit_v"].value == 44.8
 
 
-def test_fc14_over_link(can_link):  # noqa: F811  (pytest fixture)
+def test_silence_recovery_over_link(can_link):  # noqa: F811  (pytest fixture)
     """Silence and recovery, compressed: 20 ms frame sets, 100 ms stale time, 3 sets to recover."""
     stale_s = 0.1
     bms = make_bms(stale_s=stale_s)

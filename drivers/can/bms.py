@@ -1,7 +1,7 @@
 """State of one battery string as its BMS reports it over CAN.
 
 :class:`BmsString` takes decoded frames from the CAN reader's thread and
-returns :class:`BmsSnapshot` objects to whoever polls it. It owns every
+returns :class:`BmsSnapshot` objects to the caller of :meth:`BmsString.snapshot`. It owns every
 conversion from the BMS's conventions to the gateway's, each done in one
 place:
 
@@ -60,7 +60,7 @@ _LIMIT_POINTS = ("charge_current_limit_a", "discharge_current_limit_a")
 
 
 class Severity(enum.IntEnum):
-    """How serious an active BMS alarm is; higher is worse."""
+    """Severity of an active BMS alarm; a higher value is worse."""
 
     WARNING = 1
     ALARM = 2
@@ -149,7 +149,7 @@ class BmsStringConfig:
 class BmsSnapshot:
     """The state of one string at ``t_mono_s``, ready for the control core.
 
-    ``readings`` holds every decoded point except ``pack_current_a``, plus the
+    ``readings`` contains every decoded point except ``pack_current_a``, plus the
     points in :data:`DERIVED_POINTS`. A value that is not GOOD is ``None``.
     """
 
@@ -158,7 +158,7 @@ class BmsSnapshot:
     state: BmsState
     #: True only in ONLINE: the data is fresh and consistent enough to allow power.
     power_allowed: bool
-    #: Why power is not allowed, or ``""`` when it is.
+    #: Reason power is not allowed, or ``""`` when it is.
     reason: str
     consistent_frame_sets: int
     required_frame_sets: int

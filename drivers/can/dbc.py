@@ -15,17 +15,21 @@ missing, never filled in. Longer frames are cut to the message length.
 
 from __future__ import annotations
 
+import decimal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cantools
-from cantools.database.can import Message
+from cantools.database.can import Message, Signal
 from cantools.database.namedsignalvalue import NamedSignalValue
 from cantools.typechecking import SignalValueType
 
 from drivers.can.points import POINTS, DecodedFrame, PointValue, decode_text
+
+#: Scales and offsets with more decimal places than this are not rounded.
+_MAX_DECIMAL_PLACES = 9
 
 
 class DbcError(ValueError):
@@ -38,6 +42,37 @@ def _identity(value: SignalValueType) -> PointValue:
     return value  # type: ignore[return-value]
 
 
+def _decimal_places(number: float) -> int | None:
+    """Return the decimal places of a short decimal such as 0.1 or -273.15, else ``None``."""
+    exponent = decimal.Decimal(repr(float(number))).as_tuple().exponent
+    if not isinstance(exponent, int) or exponent < -_MAX_DECIMAL_PLACES:
+        return None
+    return max(0, -exponent)
+
+
+def _rounding(signal: Signal, convert: Callable[[Any], PointValue]) -> Callable[[Any], PointValue]:
+    """Wrap ``convert`` to round away float noise of a decimal scale.
+
+    cantools computes ``raw * scale + offset``, so raw 448 at scale 0.1 gives
+    44.800000000000004. Every exact result is a whole multiple of the scale
+    plus the offset, so for results of up to 15 significant digits, rounding
+    to their decimal places gives the float nearest the exact value. The
+    built-in decoder returns that float too.
+    """
+    scale = _decimal_places(signal.scale)
+    offset = _decimal_places(signal.offset)
+    if scale is None or offset is None or (scale == 0 and offset == 0):
+        return convert
+    places = max(scale, offset)
+
+    def rounded(value: Any) -> PointValue:
+        if isinstance(value, float):
+            value = round(value, places)
+        return convert(value)
+
+    return rounded
+
+
 _COERCE: Mapping[str, Callable[[Any], PointValue]] = {
     "number": lambda value: value,
     "integer": int,
@@ -47,7 +82,7 @@ _COERCE: Mapping[str, Callable[[Any], PointValue]] = {
 
 @dataclass(frozen=True, slots=True)
 class _MessagePlan:
-    """What to pull out of one DBC message, decided once at load."""
+    """Signals to extract from one DBC message, chosen once at load."""
 
     message: Message
     #: (DBC signal, point name, converter) per mapped numeric or flag point.
@@ -107,13 +142,14 @@ class DbcDecoder:
 
     @staticmethod
     def _plan_unmapped(message: Message) -> _MessagePlan:
-        signals = tuple((s.name, s.name, _identity) for s in message.signals)
+        signals = tuple((s.name, s.name, _rounding(s, _identity)) for s in message.signals)
         return _MessagePlan(message, signals, (), decode_choices=True)
 
     def _plan_mapped(
         self, signals: Mapping[str, str], texts: Mapping[str, Sequence[str]]
     ) -> dict[int, _MessagePlan]:
         by_signal = {s.name: m for m in self.database.messages for s in m.signals}
+        signal_specs = {s.name: s for m in self.database.messages for s in m.signals}
         problems: list[str] = []
         chosen: dict[int, list[tuple[str, str, Callable[[Any], PointValue]]]] = {}
         chosen_texts: dict[int, list[tuple[str, tuple[str, ...]]]] = {}
@@ -129,9 +165,8 @@ class DbcDecoder:
                     "BMS point"
                 )
             else:
-                chosen.setdefault(message.frame_id, []).append(
-                    (signal_name, point, _COERCE[spec.kind])
-                )
+                convert = _rounding(signal_specs[signal_name], _COERCE[spec.kind])
+                chosen.setdefault(message.frame_id, []).append((signal_name, point, convert))
 
         for point, characters in texts.items():
             messages = {by_signal[name].frame_id for name in characters if name in by_signal}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 PointValue = float | int | bool | str
 PointKind = Literal["number", "integer", "flag", "text"]
@@ -88,13 +88,14 @@ def decode_text(data: bytes) -> str:
     return data.decode("ascii", errors="replace").rstrip(" \x00")
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedFrame:
+class DecodedFrame(NamedTuple):
     """The points one CAN frame carried.
 
     ``signals`` contains every point whose bytes lay inside the frame's DLC.
     ``missing`` names the points the frame defines but whose bytes the DLC cut
     off. A decoder never reads past the DLC and never fills in a default.
+    A NamedTuple rather than a frozen dataclass because one is built per
+    frame and a frozen dataclass takes about twice as long to build.
     """
 
     frame_id: int
@@ -105,7 +106,7 @@ class DecodedFrame:
 
 
 class FrameDecoder(Protocol):
-    """What :class:`drivers.can.bms.BmsString` needs from a decoder."""
+    """Interface that :class:`drivers.can.bms.BmsString` requires of a decoder."""
 
     #: Point names each known frame id can carry, in frame order.
     points_by_frame: Mapping[int, tuple[str, ...]]

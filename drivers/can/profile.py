@@ -34,7 +34,7 @@ SeverityName = Literal["warning", "alarm", "protection"]
 class ProfileError(ValueError):
     """A BMS profile is missing, is not TOML, or breaks the schema.
 
-    ``problems`` holds one line per error.
+    ``problems`` contains one line per error.
     """
 
     def __init__(self, path: str | Path, problems: list[str]) -> None:

@@ -275,7 +275,7 @@ _HV_LIMITS = FrameSpec(
     ),
 )
 
-#: Every frame the built-in decoder knows, by frame id.
+#: Every frame the built-in decoder decodes, by frame id.
 FRAMES: Mapping[int, FrameSpec] = {
     spec.frame_id: spec
     for spec in (_LIMITS, _SOC_SOH, _PACK, _STATUS, _REQUESTS, _NAME, _CELLS, _HV_LIMITS)

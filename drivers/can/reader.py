@@ -1,10 +1,10 @@
 """CAN reader: one thread per link that receives frames, tracks link health and never dies.
 
-:class:`CanReader` opens a python-can bus (SocketCAN, slcan through pyserial,
-or python-can's virtual bus), hands every data frame to a sink together with
-its ``time.monotonic()`` receive time, and keeps :class:`LinkHealth`:
-error frames, error-warning, error-passive and bus-off events, garbled slcan
-lines, failed receives and reopens.
+:class:`CanReader` opens a python-can bus: SocketCAN, slcan through pyserial,
+or python-can's virtual bus. It hands every data frame to a sink together
+with its ``time.monotonic()`` receive time. :class:`LinkHealth` counts error
+frames, error-warning, error-passive and bus-off events, garbled slcan lines,
+failed receives and reopens.
 
 Failure handling, in one place (:meth:`CanReader._run`):
 
@@ -13,7 +13,14 @@ Failure handling, in one place (:meth:`CanReader._run`):
 * a bus-off error frame does the same, because on slcan adapters closing and
   reopening the channel restarts the CAN controller;
 * an exception in the sink is counted and logged, and the frame is dropped;
-* one log line per state change, never one per frame or per attempt.
+* one log line per state change, never one per frame or per attempt, and at
+  most one a minute about garbled slcan lines.
+
+NOTE: on SocketCAN, reopening the socket does not restart a controller in
+bus-off; only the kernel does, when the interface has ``restart-ms`` set
+(``ip link set can0 type can restart-ms 100``). python-can's slcan interface
+reports no error frames, so on slcan the error states stay unknown and only
+garbled lines and failed receives show up in :class:`LinkHealth`.
 
 The sink runs in the reader's thread and must not block. For asyncio code,
 :func:`asyncio_sink` forwards frames to a queue on an event loop.
@@ -74,7 +81,7 @@ class LinkState(enum.Enum):
 
 @dataclass(frozen=True)
 class CanLink:
-    """Where and how to open one CAN bus."""
+    """Interface, channel and settings of one CAN bus."""
 
     interface: Interface
     #: ``can0`` for socketcan; a serial device, pseudo-terminal or ``socket://host:port``

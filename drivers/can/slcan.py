@@ -37,7 +37,7 @@ from can.interfaces.slcan import slcanBus
 _STANDARD = re.compile(rb"[tr](?P<id>[0-9A-Fa-f]{3})(?P<dlc>[0-8])(?P<data>[0-9A-Fa-f]*)")
 _EXTENDED = re.compile(rb"[TR](?P<id>[0-9A-Fa-f]{8})(?P<dlc>[0-8])(?P<data>[0-9A-Fa-f]*)")
 _LINE_END = re.compile(rb"[\r\a]")
-#: Longest valid line: T + 8 id + 1 DLC + 16 data + 4 timestamp digits.
+#: Maximum length of a valid line: T, 8 id, 1 DLC, 16 data and 4 timestamp digits.
 _MAX_LINE_BYTES = 30
 #: Lines the adapter sends in reply to commands (transmit acknowledgements,
 #: version, serial number, status flags); they carry no frame.

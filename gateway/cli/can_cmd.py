@@ -242,8 +242,7 @@ def _add_decoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--protocol",
         choices=["pylontech"],
-        default="pylontech",
-        help="built-in decoder; points are named as in the BMS profile (default: pylontech)",
+        help="built-in decoder; points are named as in the BMS profile (the default)",
     )
     group.add_argument(
         "--dbc",
