@@ -15,7 +15,7 @@ What each failure does to the readings and to the polling:
   this block and every later one become COMM_ERROR and the poll ends;
   :meth:`ModbusDevice.run` backs off while the link stays up.
 * Link down: this block and every later one become COMM_ERROR and the poll
-  ends; the next poll runs on time and fails fast until the link is back.
+  ends. The next poll runs on time and fails fast until the link is back.
 
 A failed read never keeps the last value. A GOOD reading older than
 ``stale_s`` reads as STALE from :meth:`ModbusDevice.readings`. The device
@@ -51,9 +51,9 @@ from drivers.quality import Quality, Reading
 
 log = structlog.get_logger(__name__)
 
-#: Exception codes that say the request itself is wrong for this device.
+#: Exception codes meaning that the request itself is wrong for this device.
 _REJECTED_CODES = (0x01, 0x02, 0x03)
-#: Exception codes that say "not now": acknowledge and busy.
+#: Exception codes meaning "not now": acknowledge and busy.
 _RETRY_CODES = (0x05, 0x06)
 
 #: ``store_callback(device_name, readings)`` receives every poll's readings.
@@ -84,9 +84,9 @@ class ModbusDevice:
     """One Modbus device polled at its own period over a shared link.
 
     ``poll_period_s``, ``timeout_s`` (per request) and ``stale_s`` are
-    seconds; ``stale_s`` defaults to three poll periods. ``backoff`` spaces
-    the polls of a device that times out or that a gateway reports
-    unreachable; it defaults to the poll period doubling up to 30 s. Raises
+    seconds, and ``stale_s`` defaults to three poll periods. ``backoff``
+    spaces the polls of a device that times out or that a gateway reports
+    unreachable. It defaults to the poll period, doubling up to 30 s. Raises
     ``ValueError`` for settings out of range or a profile the planner cannot
     split into reads.
     """
@@ -157,7 +157,7 @@ class ModbusDevice:
         """Read every block once and return the readings, aged at the end of the poll.
 
         Never raises for a device or link failure: those become qualities
-        (see the module table) and :attr:`state`.
+        (see the module docstring) and :attr:`state`.
         """
         self.polls += 1
         started_mono_s = time.monotonic()
@@ -205,7 +205,7 @@ class ModbusDevice:
         """Poll forever on absolute monotonic deadlines and hand each poll's readings to the store.
 
         A deadline that falls inside a backoff passes the readings on without
-        polling, so the store still sees them age. Deadlines missed by a slow
+        polling, so the store still receives them as they age. Deadlines missed by a slow
         poll are skipped and counted in :attr:`overruns`. Cancel the task to stop.
         """
         next_mono_s = time.monotonic()
@@ -230,7 +230,7 @@ class ModbusDevice:
         return {name: reading.aged(now_mono_s, stale_s) for name, reading in self._readings.items()}
 
     async def _read_block(self, block: ReadBlock) -> bytes:
-        """Read one block's data bytes, repeating the read after acknowledge or busy answers."""
+        """Read one block's data bytes, repeating the read after acknowledge or busy responses."""
         retries_left = self.busy_retries
         while True:
             try:
@@ -288,7 +288,7 @@ class ModbusDevice:
         """Write a point's engineering value, then read the registers back and compare.
 
         The value is checked against the point's range and scaled the way the
-        profile says (a scale factor is read fresh from the device first).
+        profile defines (a scale factor is read fresh from the device first).
         One register is written with function 6, more with function 16.
         Raises ``ValueError`` for a point that is not writable or a value it
         cannot hold, :class:`ModbusWriteVerifyError` when the read-back

@@ -4,15 +4,15 @@
 
     ModbusError
      +-- ModbusConnectError      (also ConnectionError)  link down, connect failed, link lost
-     +-- ModbusTimeout           (also TimeoutError)     no answer within the request timeout
-     +-- ModbusExceptionResponse                         the device answered with an exception code
+     +-- ModbusTimeout           (also TimeoutError)     no response within the request timeout
+     +-- ModbusExceptionResponse                         the device sent an exception response
      +-- ModbusFrameError                                a malformed or mismatched response
      +-- ModbusWriteVerifyError                          the read-back after a write differs
 
-A timeout and an exception response are different things: the device did
-answer in the second case, so the link is fine and retrying the same request
-is pointless for most codes. Every message names the link, the unit, the
-function, the address and the count, and says what to check.
+A timeout and an exception response are different things. In the second
+case the device responded, so the link is fine, and repeating the same
+request is pointless for most codes. Every message names the link, the unit, the
+function, the address and the count, and tells what to check.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ EXCEPTION_NAMES: dict[int, str] = {
     0x0B: "gateway target device failed to respond",
 }
 
-#: What to check for each exception code.
+#: Hint per exception code: what the operator should check.
 _EXCEPTION_HINTS: dict[int, str] = {
     0x01: "the device does not support this function code; check the profile's register table",
     0x02: "the device has no register in this range; check the profile's addresses and counts",
@@ -43,7 +43,7 @@ _EXCEPTION_HINTS: dict[int, str] = {
     0x06: "the device is busy; the request can be repeated later",
     0x08: "the device reported a memory parity error; check its own fault log",
     0x0A: "the gateway has no path to this unit; check the unit id and the gateway's routing",
-    0x0B: "the device behind the gateway did not answer; check its power and serial wiring",
+    0x0B: "the device behind the gateway did not respond; check its power and serial wiring",
 }
 
 FUNCTION_NAMES: dict[int, str] = {
@@ -60,7 +60,7 @@ FUNCTION_NAMES: dict[int, str] = {
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """Where a request went and what it asked for, for error messages."""
+    """Target and content of one request, for error messages."""
 
     #: ``tcp 10.0.0.5:502`` or ``rtu /dev/ttyUSB0``.
     link: str
@@ -94,7 +94,7 @@ class ModbusConnectError(ModbusError, ConnectionError):
 
 
 class ModbusTimeout(ModbusError, TimeoutError):  # noqa: N818 - named like the builtin it extends
-    """No answer arrived within the request timeout."""
+    """No response arrived within the request timeout."""
 
     def __init__(self, request: RequestInfo, timeout_s: float, message: str | None = None) -> None:
         super().__init__(
@@ -106,8 +106,8 @@ class ModbusTimeout(ModbusError, TimeoutError):  # noqa: N818 - named like the b
         self.timeout_s = timeout_s
 
 
-class ModbusExceptionResponse(ModbusError):  # noqa: N818 - the Modbus term for this answer
-    """The device answered with a Modbus exception code.
+class ModbusExceptionResponse(ModbusError):  # noqa: N818 - the Modbus term for this response
+    """The device responded with a Modbus exception code.
 
     ``function`` is the request's function code (without the 0x80 bit).
     """

@@ -1,12 +1,12 @@
 """Modbus framing without I/O: request PDUs, the TCP stream splitter and the RTU frame extractor.
 
 Why not pymodbus's framers: pymodbus 3.16.1 passes the literal bytes of a
-late answer followed by the right one in one TCP read, but
+late response followed by the right one in one TCP read, but
 
 * its client clears the receive buffer whenever it sends, so a stale
-  answer split across that moment turns the rest of the stream into
-  garbage and the next, correct answer is lost;
-* it accepts an answer whose byte count differs from the request's count;
+  response split across that moment turns the rest of the stream into
+  garbage and the next, correct response is lost;
+* it accepts a response whose byte count differs from the request's count;
 * its RTU framer drops the whole buffer when a CRC fails, so one byte of
   line noise before a reply loses the reply, and it drops a second frame
   that arrived in the same read.
@@ -143,7 +143,7 @@ def rtu_adu(unit: int, pdu: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ExpectedResponse:
-    """What a correct, non-exception answer to one request looks like."""
+    """Layout of a correct, non-exception response to one request."""
 
     function: int
     #: Length of the whole response PDU, function byte included.
@@ -153,7 +153,7 @@ class ExpectedResponse:
 
 
 def expected_response(request_pdu: bytes) -> ExpectedResponse:
-    """Derive the expected answer from a request PDU built by this module."""
+    """Derive the expected response from a request PDU built by this module."""
     function = request_pdu[0]
     if function in (1, 2):
         count = int.from_bytes(request_pdu[3:5], "big")
@@ -169,14 +169,14 @@ def expected_response(request_pdu: bytes) -> ExpectedResponse:
 
 
 def exception_code(expected: ExpectedResponse, pdu: bytes) -> int | None:
-    """Return the exception code if ``pdu`` is an exception answer to this request."""
+    """Return the exception code if ``pdu`` is an exception response to this request."""
     if len(pdu) == 2 and pdu[0] == expected.function | 0x80:
         return pdu[1]
     return None
 
 
 def mismatch(expected: ExpectedResponse, pdu: bytes) -> str | None:
-    """Say why ``pdu`` is not the expected answer, or return ``None`` if it is."""
+    """Describe why ``pdu`` is not the expected response, or return ``None`` if it is."""
     if not pdu:
         return "empty PDU"
     if pdu[0] != expected.function:
@@ -293,16 +293,15 @@ class RtuFrameExtractor:
 
     A frame may arrive in any number of pieces, with line noise before it and
     another frame right after it. Each position in the buffer is a candidate
-    start; a candidate whose header names a known function and a plausible
-    byte count becomes a frame once all its bytes are there and its
+    start. A candidate whose header names a known function and a plausible
+    byte count becomes a frame once all its bytes are there, if its
     CRC-16/MODBUS matches. A complete, CRC-valid frame further on wins over
     an earlier candidate that is still incomplete, so a noise byte that looks
     like a header announcing 250 bytes cannot stall the stream. Bytes that
     belong to no frame are counted in :attr:`discarded_bytes`.
 
-    The CRC leaves a false match chance of about 1 in 65536 per candidate
-    that is complete; the caller's match on unit, function and byte count
-    narrows it further.
+    Random noise passes the CRC about once in 65536 complete candidates. The
+    caller's match on unit, function and byte count rejects most of those.
     """
 
     __slots__ = ("_buffer", "_incomplete", "_scanned", "discarded_bytes")

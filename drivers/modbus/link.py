@@ -11,15 +11,15 @@ Contract for callers:
   exception response (raised as soon as it arrives, never counted as a
   timeout), a mismatched frame, or a connect error.
 * While the link is down every request fails at once with
-  :class:`~drivers.modbus.errors.ModbusConnectError`; nobody waits for the
-  reconnect. Losing the connection fails the requests in flight at once.
+  :class:`~drivers.modbus.errors.ModbusConnectError`, without waiting for
+  the reconnect. Losing the connection fails the requests in flight at once.
 * One request is in flight per link, unless a TCP link is built with
   ``max_in_flight > 1`` for a device that accepts pipelined requests.
 * Matching is strict. On TCP the transaction id picks the request, and
   then the unit, function and byte count (or write echo) must match; an
-  answer with an unknown transaction id is stale and is dropped. On RTU, with
+  response with an unknown transaction id is stale and is dropped. On RTU, with
   no transaction id, a frame that does not match the request in flight by
-  unit, function and byte count is a late answer to an earlier request and
+  unit, function and byte count is a late response to an earlier request and
   is dropped, and the input is flushed after the line has been silent for
   3.5 characters before each request.
 * Reconnects use capped exponential backoff with jitter. The link logs one
@@ -69,14 +69,14 @@ class LinkCounters:
     """Totals since the link was built; they only grow."""
 
     requests: int = 0
-    #: Answers that matched their request and were not exception responses.
+    #: Responses that matched their request and were not exception responses.
     responses: int = 0
     timeouts: int = 0
-    #: Exception responses (an answer, so never also a timeout).
+    #: Exception responses (a response, so never also counted as a timeout).
     exceptions: int = 0
-    #: Malformed or mismatched answers that failed their request.
+    #: Malformed or mismatched responses that failed their request.
     frame_errors: int = 0
-    #: Well-formed answers that matched no request in flight (late answers).
+    #: Well-formed responses that matched no request in flight (late responses).
     stale_frames: int = 0
     #: RTU bytes that belonged to no frame (line noise, flushed input).
     discarded_bytes: int = 0
@@ -115,7 +115,7 @@ class Backoff:
 
 
 class _Pending:
-    """One request waiting for its answer."""
+    """One request waiting for its response."""
 
     __slots__ = ("address", "count", "expected", "future", "key", "timer", "unit")
 
@@ -276,8 +276,8 @@ class ModbusLink:
         """Read ``count`` registers or bits; bits come back as 0/1 ints.
 
         ``function`` is 1 (coils), 2 (discrete inputs), 3 (holding
-        registers) or 4 (input registers); ``address`` is the 0-based wire
-        address; ``timeout_s`` defaults to the link's ``timeout_s``.
+        registers) or 4 (input registers). ``address`` is the 0-based wire
+        address. ``timeout_s`` defaults to the link's ``timeout_s``.
         """
         request = framing.read_request_pdu(function, address, count)
         response = await self._transact(unit, request, address, count, timeout_s)
@@ -290,7 +290,7 @@ class ModbusLink:
     ) -> bytes:
         """Read ``count`` registers with function 3 or 4 and return their data bytes as received.
 
-        The result holds ``2 * count`` bytes, each register big-endian as on
+        The result contains ``2 * count`` bytes, each register big-endian as on
         the wire: what a precompiled decoder unpacks without building a list.
         """
         if function not in (3, 4):
@@ -345,9 +345,9 @@ class ModbusLink:
                     del self._pending[pending.key]
 
     def _resolve(self, pending: _Pending, pdu: bytes) -> bool:
-        """Settle ``pending`` with ``pdu`` if it answers it; return whether it did.
+        """Settle ``pending`` with ``pdu`` if ``pdu`` responds to it; return whether it did.
 
-        A PDU that is neither the expected answer nor an exception response
+        A PDU that is neither the expected response nor an exception response
         settles nothing: the subclass decides whether that is a frame error
         (TCP, where the transaction id already matched) or a stale frame (RTU).
         """
@@ -378,7 +378,7 @@ class ModbusLink:
         if pending.future.done():
             return
         self.counters.timeouts += 1
-        # Forget the request now, so that an answer arriving later counts as stale.
+        # Forget the request now, so that a response arriving later counts as stale.
         if self._pending.get(pending.key) is pending:
             del self._pending[pending.key]
         pending.future.set_exception(ModbusTimeout(self._pending_info(pending), timeout_s))
@@ -537,7 +537,7 @@ class ModbusLink:
         raise NotImplementedError
 
     def _receive(self, data: bytes) -> None:
-        """Frame received bytes and settle the requests they answer."""
+        """Frame received bytes and settle the requests they respond to."""
         raise NotImplementedError
 
     async def _before_send(self, info: RequestInfo, timeout_s: float) -> None:
@@ -562,7 +562,7 @@ class ModbusTcpLink(ModbusLink):
     """Modbus TCP to one host and port.
 
     ``max_in_flight`` above 1 pipelines requests for devices that accept
-    it; transaction ids keep the answers apart. After ``drop_after_timeouts``
+    it; transaction ids keep the responses apart. After ``drop_after_timeouts``
     timeouts in a row with no frame received in between, the link closes the
     connection and reconnects. A peer that rebooted without closing leaves a
     half-open socket that only a new connection detects. 0 turns this off.
@@ -662,7 +662,7 @@ class ModbusRtuLink(ModbusLink):
     converter in raw mode). Only one request is in flight. Before each
     request the link waits until the line has been silent for the
     inter-frame gap (3.5 characters, or 1.75 ms above 19200 baud) and drops
-    whatever arrived since the last answer.
+    whatever arrived since the last response.
     """
 
     def __init__(
@@ -721,7 +721,7 @@ class ModbusRtuLink(ModbusLink):
         if not 1 <= unit <= 247:
             raise ValueError(
                 f"unit id must be 1..247 on Modbus RTU, got {unit}; broadcast (0) gets no "
-                "answer and is not supported"
+                "response and is not supported"
             )
 
     def _connect_hint(self) -> str:
@@ -760,5 +760,5 @@ class ModbusRtuLink(ModbusLink):
                 or unit != pending.unit
                 or not self._resolve(pending, pdu)
             ):
-                # A late answer to a request that timed out, or another unit's answer.
+                # A late response to a request that timed out, or another unit's response.
                 self.counters.stale_frames += 1
