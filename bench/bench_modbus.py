@@ -2,7 +2,7 @@
 
 Starts N simulated meters (drivers.modbus.server.RegisterServer, 50 points
 each, one TCP port per meter) on 127.0.0.1 in a separate process, then polls
-them from this process as fast as they answer, twice per round:
+them from this process as fast as they respond, twice per round:
 
 * ``engine``: one ModbusLink and one ModbusDevice per meter; every poll
   reads the planned block and decodes the 50 points into Readings;

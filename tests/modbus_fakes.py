@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 TcpHandler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
-def register_answer(request: bytes, words: list[int]) -> bytes:
-    """Build the MBAP answer to a read request ADU, carrying ``words``."""
+def register_response(request: bytes, words: list[int]) -> bytes:
+    """Build the MBAP response to a read request ADU, carrying ``words``."""
     pdu = bytes((request[7], 2 * len(words))) + struct.pack(f">{len(words)}H", *words)
     return request[:4] + struct.pack(">HB", len(pdu) + 1, request[6]) + pdu
 
@@ -36,7 +36,7 @@ class ScriptedTcpServer:
     """A raw Modbus TCP server on 127.0.0.1 that hands each request ADU to ``handler``.
 
     ``requests`` records every request ADU in arrival order. Requests are
-    read by the MBAP length, so the handler always sees whole ADUs.
+    read by the MBAP length, so the handler always receives whole ADUs.
     """
 
     def __init__(self, handler: TcpHandler, port: int = 0) -> None:

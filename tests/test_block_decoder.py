@@ -58,7 +58,7 @@ def test_same_readings_as_decode_block(data):
     assert BlockDecoder(block).decode(registers, 12.5) == decode_block(block, registers, 12.5)
 
 
-def test_fc05_scale_factor_from_same_read():
+def test_scale_factor_from_same_read():
     block = BLOCKS[0]
     decoder = BlockDecoder(block)
     offset = PROFILE.point("dc_w").address - block.address

@@ -15,7 +15,7 @@ from drivers.modbus.link import Backoff, LinkState, ModbusLink
 from drivers.modbus.profile import parse_profile
 from drivers.modbus.server import RegisterServer
 from drivers.quality import Quality
-from tests.modbus_fakes import ScriptedTcpServer, register_answer
+from tests.modbus_fakes import ScriptedTcpServer, register_response
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,10 +131,10 @@ async def test_readings_age_to_stale(server, link):
     assert device.readings(t_mono_s + 0.21)["p_w"].quality is Quality.STALE
 
 
-# ----------------------------------------------------------------------------- FC-08
+# ------------------------------------------------ FC-08: exception responses per code
 
 
-async def test_fc08_illegal_address_skips_block(server, link):
+async def test_illegal_address_skips_block(server, link):
     server.faults.exception_for(100, 1, ExcCodes.ILLEGAL_ADDRESS)
     device = make_device(link, rejected_block_retry_s=60.0)
     with structlog.testing.capture_logs() as logs:
@@ -154,7 +154,7 @@ async def test_fc08_illegal_address_skips_block(server, link):
     assert rejected[0]["address"] == 100
 
 
-async def test_fc08_rejected_block_retried_later(server, link):
+async def test_rejected_block_retried_later(server, link):
     server.faults.exception_for(100, 1, ExcCodes.ILLEGAL_ADDRESS)
     device = make_device(link, rejected_block_retry_s=0.05)
     await device.poll_once()
@@ -167,7 +167,7 @@ async def test_fc08_rejected_block_retried_later(server, link):
 
 
 @pytest.mark.parametrize("code", [ExcCodes.GATEWAY_PATH_UNAVIABLE, ExcCodes.GATEWAY_NO_RESPONSE])
-async def test_fc08_gateway_unreachable_backs_off(server, link, code):
+async def test_gateway_unreachable_backs_off(server, link, code):
     server.faults.exception_for(0, 6, code)
     device = make_device(link, backoff=Backoff(initial_s=10.0, max_s=10.0))
     with structlog.testing.capture_logs() as logs:
@@ -198,7 +198,7 @@ async def test_fc08_gateway_unreachable_backs_off(server, link, code):
     assert device.retry_at_mono_s == 0.0
 
 
-async def test_fc08_busy_retried_in_same_poll(server, link):
+async def test_busy_retried_in_same_poll(server, link):
     rule = server.faults.exception_for(100, 1, ExcCodes.DEVICE_BUSY)
     device = make_device(link, busy_retries=2, busy_retry_s=0.2)
     polling = asyncio.ensure_future(device.poll_once())
@@ -212,7 +212,7 @@ async def test_fc08_busy_retried_in_same_poll(server, link):
     assert link.counters.exceptions == 1
 
 
-async def test_fc08_busy_gives_up_after_retries(server, link):
+async def test_busy_gives_up_after_retries(server, link):
     server.faults.exception_for(100, 1, ExcCodes.DEVICE_BUSY)
     device = make_device(link, busy_retries=2, busy_retry_s=0.01)
     readings = await device.poll_once()
@@ -232,10 +232,10 @@ async def test_timeout_marks_rest_and_backs_off(server, link):
     assert device.retry_at_mono_s > time.monotonic()
 
 
-# ----------------------------------------------------------------------------- FC-04
+# ------------------------------------------------ FC-04: sentinels and a reboot
 
 
-async def test_fc04_reboot_energy_never_jumps(server):
+async def test_reboot_energy_never_jumps(server):
     """Valid data, then sentinels, then the connection closes, then valid data again."""
     port = port_of(server)
     link = await connected_link(port, timeout_s=0.5)
@@ -273,14 +273,14 @@ async def test_fc04_reboot_energy_never_jumps(server):
     assert [reading.value for reading in energies] == [123_456, None, None, 123_457]
 
 
-# ----------------------------------------------------------------------------- FC-10
+# ------------------------------------------------ FC-10: reconnect forever
 
 
-async def test_fc10_reconnect_forever_compressed(server):
+async def test_reconnect_forever_compressed(server):
     """FC-10 at 1/300 scale: poll every 50 ms, peer gone 1 s, backoff 20 ms doubling to 100 ms.
 
-    The field case polls at 1 s with the peer gone for 300 s; the backoff's
-    cap plays the role of the field's 30 s cap.
+    The field case polls at 1 s with the peer gone for 300 s. The backoff's
+    cap of 100 ms plays the role of a 30 s cap in the field.
     """
     port = port_of(server)
     records = []
@@ -389,7 +389,7 @@ async def test_write_point_read_back_mismatch():
         if request[7] == 16:
             writer.write(request[:4] + bytes.fromhex("0006") + request[6:12])
         else:
-            writer.write(register_answer(request, [0x0000, 0x1388]))  # clamped to 5000
+            writer.write(register_response(request, [0x0000, 0x1388]))  # clamped to 5000
 
     async with ScriptedTcpServer(clamping) as peer:
         link = await connected_link(peer.port)

@@ -14,16 +14,16 @@ from drivers.modbus import framing
 from drivers.modbus.errors import ModbusFrameError
 
 # FC-07: the request for transaction 0x0010, and one socket read carrying a
-# stale answer for 0x000F (16 data bytes) followed by the right answer.
-FC07_REQUEST = bytes.fromhex("0010 0000 0006 32 03 0A8B 0004")
-FC07_STALE = bytes.fromhex("000F 0000 0013 32 03 10") + bytes(range(16))
-FC07_ANSWER = bytes.fromhex("0010 0000 000B 32 03 08 4931 1388 3A83 126F")
-FC07_READ = FC07_STALE + FC07_ANSWER
+# stale response for 0x000F (16 data bytes) followed by the right response.
+TCP_REQUEST = bytes.fromhex("0010 0000 0006 32 03 0A8B 0004")
+TCP_STALE = bytes.fromhex("000F 0000 0013 32 03 10") + bytes(range(16))
+TCP_RESPONSE = bytes.fromhex("0010 0000 000B 32 03 08 4931 1388 3A83 126F")
+TCP_READ = TCP_STALE + TCP_RESPONSE
 
 # FC-09: read 80 coils from address 1 of unit 1; the reply arrives in two pieces.
-FC09_REQUEST = bytes.fromhex("01 01 0001 0050 6DF6")
-FC09_REPLY = bytes.fromhex("01 01 0A FFFF") + bytes.fromhex("FFFF FFFF FFFF FFFF EC F2")
-FC09_PDU = bytes.fromhex("01 0A") + b"\xff" * 10
+COILS_REQUEST = bytes.fromhex("01 01 0001 0050 6DF6")
+COILS_REPLY = bytes.fromhex("01 01 0A FFFF") + bytes.fromhex("FFFF FFFF FFFF FFFF EC F2")
+COILS_PDU = bytes.fromhex("01 0A") + b"\xff" * 10
 
 
 def rtu_frame(unit: int, pdu: bytes) -> bytes:
@@ -50,16 +50,16 @@ def spurious_frame_in(data: bytes, real_start: int) -> bool:
 # ----------------------------------------------------------------------------- requests
 
 
-def test_crc16_fc09_request():
-    assert framing.crc16_modbus(FC09_REQUEST[:-2]).to_bytes(2, "little") == bytes.fromhex("6DF6")
+def test_crc16_coils_request():
+    assert framing.crc16_modbus(COILS_REQUEST[:-2]).to_bytes(2, "little") == bytes.fromhex("6DF6")
 
 
-def test_rtu_adu_fc09_request():
-    assert framing.rtu_adu(1, framing.read_request_pdu(1, 1, 0x50)) == FC09_REQUEST
+def test_rtu_adu_coils_request():
+    assert framing.rtu_adu(1, framing.read_request_pdu(1, 1, 0x50)) == COILS_REQUEST
 
 
-def test_tcp_adu_fc07_request():
-    assert framing.tcp_adu(0x0010, 0x32, framing.read_request_pdu(3, 0x0A8B, 4)) == FC07_REQUEST
+def test_tcp_adu_holding_request():
+    assert framing.tcp_adu(0x0010, 0x32, framing.read_request_pdu(3, 0x0A8B, 4)) == TCP_REQUEST
 
 
 def test_write_pdus():
@@ -136,21 +136,21 @@ def test_decode_bits_lsb_first():
 # ----------------------------------------------------------------------------- TCP splitter
 
 
-def test_mbap_fc07_one_read():
-    adus = framing.MbapSplitter().feed(FC07_READ)
+def test_mbap_two_adus_one_read():
+    adus = framing.MbapSplitter().feed(TCP_READ)
     assert adus == [
         (0x000F, 0x32, bytes.fromhex("03 10") + bytes(range(16))),
         (0x0010, 0x32, bytes.fromhex("03 08 4931 1388 3A83 126F")),
     ]
 
 
-@given(st.lists(st.integers(0, len(FC07_READ)), max_size=6))
-def test_mbap_fc07_any_split(cuts):
+@given(st.lists(st.integers(0, len(TCP_READ)), max_size=6))
+def test_mbap_any_split(cuts):
     splitter = framing.MbapSplitter()
-    bounds = [0, *sorted(cuts), len(FC07_READ)]
+    bounds = [0, *sorted(cuts), len(TCP_READ)]
     adus = []
     for start, end in itertools.pairwise(bounds):
-        adus += splitter.feed(FC07_READ[start:end])
+        adus += splitter.feed(TCP_READ[start:end])
     assert [tid for tid, _, _ in adus] == [0x000F, 0x0010]
     assert adus[1][2] == bytes.fromhex("03 08 4931 1388 3A83 126F")
     assert splitter.buffered_bytes == 0
@@ -172,19 +172,19 @@ def test_mbap_rejects_bad_header(header):
 # ----------------------------------------------------------------------------- RTU extractor
 
 
-def test_rtu_fc09_two_fragments():
+def test_rtu_two_fragments():
     extractor = framing.RtuFrameExtractor()
-    assert extractor.feed(FC09_REPLY[:5]) == []
-    assert extractor.feed(FC09_REPLY[5:]) == [(1, FC09_PDU)]
-    assert framing.decode_bits(FC09_PDU, 80) == [1] * 80
+    assert extractor.feed(COILS_REPLY[:5]) == []
+    assert extractor.feed(COILS_REPLY[5:]) == [(1, COILS_PDU)]
+    assert framing.decode_bits(COILS_PDU, 80) == [1] * 80
 
 
-def test_rtu_fc09_byte_by_byte():
+def test_rtu_byte_by_byte():
     extractor = framing.RtuFrameExtractor()
     frames = []
-    for byte in FC09_REPLY:
+    for byte in COILS_REPLY:
         frames += extractor.feed(bytes((byte,)))
-    assert frames == [(1, FC09_PDU)]
+    assert frames == [(1, COILS_PDU)]
     assert extractor.discarded_bytes == 0
 
 
@@ -195,32 +195,32 @@ def test_rtu_fc09_byte_by_byte():
         [b"", rtu_frame(2, bytes.fromhex("03 04 0102 0304")), rtu_frame(1, bytes.fromhex("83 02"))]
     ),
 )
-def test_rtu_fc09_any_split_with_noise(garbage, cuts, second):
-    stream = garbage + FC09_REPLY + second
+def test_rtu_any_split_with_noise(garbage, cuts, second):
+    stream = garbage + COILS_REPLY + second
     assume(not spurious_frame_in(stream, len(garbage)))
     extractor = framing.RtuFrameExtractor()
     bounds = [0, *sorted(cut for cut in cuts if cut <= len(stream)), len(stream)]
     frames = []
     for start, end in itertools.pairwise(bounds):
         frames += extractor.feed(stream[start:end])
-    assert frames[0] == (1, FC09_PDU)
+    assert frames[0] == (1, COILS_PDU)
     expected_second = [(second[0], second[1:-2])] if second else []
     assert frames[1:] == expected_second
     assert extractor.discarded_bytes == len(garbage)
 
 
 def test_rtu_bad_crc_then_good_frame():
-    corrupt = bytearray(FC09_REPLY)
+    corrupt = bytearray(COILS_REPLY)
     corrupt[-1] ^= 0x01
     extractor = framing.RtuFrameExtractor()
-    assert extractor.feed(bytes(corrupt) + FC09_REPLY) == [(1, FC09_PDU)]
+    assert extractor.feed(bytes(corrupt) + COILS_REPLY) == [(1, COILS_PDU)]
     assert extractor.discarded_bytes == len(corrupt)
 
 
 def test_rtu_long_header_noise_does_not_stall():
     # 01 03 FA announces 250 data bytes that never come; the real frame after it wins.
     extractor = framing.RtuFrameExtractor()
-    assert extractor.feed(bytes.fromhex("01 03 FA") + FC09_REPLY) == [(1, FC09_PDU)]
+    assert extractor.feed(bytes.fromhex("01 03 FA") + COILS_REPLY) == [(1, COILS_PDU)]
 
 
 def test_rtu_exception_frame():
@@ -235,14 +235,14 @@ def test_rtu_buffer_is_bounded():
     for _ in range(100):
         extractor.feed(bytes.fromhex("01 01 FA") + bytes(40))
     assert extractor.buffered_bytes <= 2 * framing.MAX_RTU_FRAME_BYTES
-    assert extractor.feed(FC09_REPLY) == [(1, FC09_PDU)]
+    assert extractor.feed(COILS_REPLY) == [(1, COILS_PDU)]
 
 
 def test_rtu_reset_counts_dropped_bytes():
     extractor = framing.RtuFrameExtractor()
-    extractor.feed(FC09_REPLY[:7])
+    extractor.feed(COILS_REPLY[:7])
     assert extractor.reset() == 7
-    assert extractor.feed(FC09_REPLY) == [(1, FC09_PDU)]
+    assert extractor.feed(COILS_REPLY) == [(1, COILS_PDU)]
     assert extractor.discarded_bytes == 7
 
 
@@ -250,5 +250,5 @@ def test_rtu_reset_counts_dropped_bytes():
 def test_pymodbus_rtu_framer_noise_before_reply():
     # Why framing.RtuFrameExtractor exists; when this passes, pymodbus may do the job.
     framer = FramerRTU(DecodePDU(False))
-    _, pdu = framer.handleFrame(b"\x00" + FC09_REPLY, 1, 0)
+    _, pdu = framer.handleFrame(b"\x00" + COILS_REPLY, 1, 0)
     assert pdu is not None

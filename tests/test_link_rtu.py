@@ -13,9 +13,9 @@ from tests.modbus_fakes import PtyPeer
 
 pytestmark = pytest.mark.timeout(30)
 
-FC09_REQUEST = bytes.fromhex("01 01 0001 0050 6DF6")
-FC09_FIRST = bytes.fromhex("01 01 0A FFFF")
-FC09_REST = bytes.fromhex("FFFF FFFF FFFF FFFF EC F2")
+COILS_REQUEST = bytes.fromhex("01 01 0001 0050 6DF6")
+COILS_FIRST = bytes.fromhex("01 01 0A FFFF")
+COILS_REST = bytes.fromhex("FFFF FFFF FFFF FFFF EC F2")
 
 
 def registers_frame(unit: int, function: int, words: list[int]) -> bytes:
@@ -39,20 +39,20 @@ async def link(peer):
     await rtu.close()
 
 
-async def test_fc09_reply_in_fragments(peer, link):
+async def test_reply_in_fragments(peer, link):
     reading = asyncio.ensure_future(link.read(1, 1, 1, 80))
-    assert await peer.read_request(8) == FC09_REQUEST
-    peer.send(FC09_FIRST)
+    assert await peer.read_request(8) == COILS_REQUEST
+    peer.send(COILS_FIRST)
     await asyncio.sleep(0.05)
-    peer.send(FC09_REST)
+    peer.send(COILS_REST)
     assert await reading == [1] * 80
 
 
-async def test_fc09_byte_by_byte_with_noise_and_second_frame(peer, link):
+async def test_bytewise_noise_second_frame(peer, link):
     reading = asyncio.ensure_future(link.read(1, 1, 1, 80))
     await peer.read_request(8)
     # Line noise, the reply one byte at a time, then another unit's frame.
-    stream = bytes.fromhex("00 FF 01 03") + FC09_FIRST + FC09_REST
+    stream = bytes.fromhex("00 FF 01 03") + COILS_FIRST + COILS_REST
     stream += registers_frame(2, 3, [0x1234])
     for byte in stream:
         peer.send(bytes((byte,)))
@@ -64,8 +64,8 @@ async def test_fc09_byte_by_byte_with_noise_and_second_frame(peer, link):
 
 
 async def test_late_reply_rejected_by_byte_count(peer, link):
-    # Request 1 (4 registers) times out; its answer arrives while request 2
-    # (2 registers, same unit and function) waits. Byte count 8 != 4: dropped.
+    # Request 1 (4 registers) times out, and its response arrives while request 2
+    # (2 registers, same unit and function) waits. Byte count 8 != 4, so it is dropped.
     with pytest.raises(ModbusTimeout):
         await link.read(1, 3, 0, 4, timeout_s=0.1)
     first = await peer.read_request(8)
@@ -85,7 +85,7 @@ async def test_late_reply_flushed_before_next_request(peer, link):
         await link.read(1, 3, 0, 2, timeout_s=0.1)
     await peer.read_request(8)
     late = registers_frame(1, 3, [9, 9])
-    peer.send(late[:4])  # half a late answer sits in the input
+    peer.send(late[:4])  # half a late response waits in the input
     await asyncio.sleep(0.05)
     reading = asyncio.ensure_future(link.read(1, 3, 0, 2))
     await peer.read_request(8)

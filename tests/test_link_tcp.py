@@ -16,21 +16,21 @@ from drivers.modbus.errors import (
     ModbusTimeout,
 )
 from drivers.modbus.link import Backoff, LinkState, ModbusLink
-from tests.modbus_fakes import ScriptedTcpServer, free_port, register_answer
+from tests.modbus_fakes import ScriptedTcpServer, free_port, register_response
 
 pytestmark = pytest.mark.timeout(30)
 
-FC07_REQUEST = bytes.fromhex("0010 0000 0006 32 03 0A8B 0004")
-FC07_STALE = bytes.fromhex("000F 0000 0013 32 03 10") + bytes(range(16))
-FC07_ANSWER = bytes.fromhex("0010 0000 000B 32 03 08 4931 1388 3A83 126F")
+TCP_REQUEST = bytes.fromhex("0010 0000 0006 32 03 0A8B 0004")
+TCP_STALE = bytes.fromhex("000F 0000 0013 32 03 10") + bytes(range(16))
+TCP_RESPONSE = bytes.fromhex("0010 0000 000B 32 03 08 4931 1388 3A83 126F")
 FAST_BACKOFF = Backoff(initial_s=0.02, max_s=0.1)
 
 
 async def echo_words(request: bytes, writer: asyncio.StreamWriter) -> None:
-    """Answer each read with words counting up from the requested address."""
+    """Respond to each read with words counting up from the requested address."""
     address = int.from_bytes(request[8:10], "big")
     count = int.from_bytes(request[10:12], "big")
-    writer.write(register_answer(request, [address + i for i in range(count)]))
+    writer.write(register_response(request, [address + i for i in range(count)]))
 
 
 async def started(link: ModbusLink) -> ModbusLink:
@@ -47,18 +47,18 @@ async def wait_state(link: ModbusLink, state: LinkState, timeout_s: float = 5.0)
     await asyncio.wait_for(poll(), timeout_s)
 
 
-# ----------------------------------------------------------------------------- FC-07
+# ------------------------------------------------ FC-07: late and back-to-back responses
 
 
-async def test_fc07_stale_and_answer_in_one_read():
-    """Transaction 0x0F times out; its late answer and 0x10's arrive in one write."""
+async def test_stale_and_response_one_read():
+    """Transaction 0x0F times out; its late response and 0x10's arrive in one write."""
 
     async def handler(request: bytes, writer: asyncio.StreamWriter) -> None:
         transaction_id = int.from_bytes(request[:2], "big")
         if transaction_id == 0x0F:
-            return  # answered late, together with 0x10
+            return  # sent late, together with the response to 0x10
         if transaction_id == 0x10:
-            writer.write(FC07_STALE + FC07_ANSWER)
+            writer.write(TCP_STALE + TCP_RESPONSE)
             return
         await echo_words(request, writer)
 
@@ -72,7 +72,7 @@ async def test_fc07_stale_and_answer_in_one_read():
             assert link.next_transaction_id == 0x10
 
             words = await link.read(0x32, 3, 0x0A8B, 4, timeout_s=5.0)
-            assert server.requests[-1] == FC07_REQUEST
+            assert server.requests[-1] == TCP_REQUEST
             assert words == [0x4931, 0x1388, 0x3A83, 0x126F]
             assert link.counters.stale_frames == 1
 
@@ -83,19 +83,19 @@ async def test_fc07_stale_and_answer_in_one_read():
 
 
 async def stale_split_around_request(request: bytes, writer: asyncio.StreamWriter, state: dict):
-    """First request: its answer starts after the timeout and ends after the next request."""
+    """First request: its response starts after the timeout and ends after the next request."""
     state["n"] = state.get("n", 0) + 1
     if state["n"] == 1:
-        state["stale"] = register_answer(request, [7, 7, 7, 7])
+        state["stale"] = register_response(request, [7, 7, 7, 7])
         await asyncio.sleep(0.4)
         writer.write(state["stale"][:5])
     elif state["n"] == 2:
-        writer.write(state["stale"][5:] + register_answer(request, [2, 2, 2, 2]))
+        writer.write(state["stale"][5:] + register_response(request, [2, 2, 2, 2]))
     else:
-        writer.write(register_answer(request, [3, 3, 3, 3]))
+        writer.write(register_response(request, [3, 3, 3, 3]))
 
 
-async def test_fc07_stale_split_across_request():
+async def test_stale_split_across_request():
     state: dict = {}
 
     async def handler(request, writer):
@@ -106,7 +106,7 @@ async def test_fc07_stale_split_across_request():
         try:
             with pytest.raises(ModbusTimeout):
                 await link.read(1, 3, 0, 4)
-            await asyncio.sleep(0.3)  # the first 5 bytes of the late answer arrive meanwhile
+            await asyncio.sleep(0.3)  # the first 5 bytes of the late response arrive meanwhile
             assert await link.read(1, 3, 0, 4, timeout_s=5.0) == [2, 2, 2, 2]
             assert await link.read(1, 3, 0, 4) == [3, 3, 3, 3]
             assert link.counters.stale_frames == 1
@@ -138,7 +138,7 @@ async def test_pymodbus_client_stale_split_across_request():
 
 async def test_byte_count_mismatch_is_frame_error():
     async def handler(request, writer):
-        writer.write(register_answer(request, [1, 2, 3]))  # asked for 4
+        writer.write(register_response(request, [1, 2, 3]))  # asked for 4
 
     async with ScriptedTcpServer(handler) as server:
         link = await started(ModbusLink.tcp("127.0.0.1", server.port))
@@ -153,9 +153,9 @@ async def test_byte_count_mismatch_is_frame_error():
 
 async def test_wrong_unit_is_frame_error():
     async def handler(request, writer):
-        answer = bytearray(register_answer(request, [1]))
-        answer[6] = 9
-        writer.write(bytes(answer))
+        response = bytearray(register_response(request, [1]))
+        response[6] = 9
+        writer.write(bytes(response))
 
     async with ScriptedTcpServer(handler) as server:
         link = await started(ModbusLink.tcp("127.0.0.1", server.port))
@@ -166,7 +166,7 @@ async def test_wrong_unit_is_frame_error():
             await link.close()
 
 
-# ----------------------------------------------------------------------------- FC-08
+# ------------------------------------------------ FC-08: exception responses end the transaction
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ async def test_wrong_unit_is_frame_error():
         (0x0B, "gateway target device failed to respond", "device_unreachable"),
     ],
 )
-async def test_fc08_exception_ends_transaction(code, name, flag):
+async def test_exception_ends_transaction(code, name, flag):
     async def handler(request, writer):
         if request[8:10] != bytes.fromhex("0100"):
             await echo_words(request, writer)
@@ -189,7 +189,7 @@ async def test_fc08_exception_ends_transaction(code, name, flag):
         writer.write(request[:4] + bytes.fromhex("0003") + request[6:7] + bytes((0x83, code)))
 
     async with ScriptedTcpServer(handler) as server:
-        # A 20 s request timeout: only an immediate answer lets the test finish in time.
+        # A 20 s request timeout: only an immediate response lets the test finish in time.
         link = await started(ModbusLink.tcp("127.0.0.1", server.port, timeout_s=20.0))
         try:
             with pytest.raises(ModbusExceptionResponse, match=name) as caught:
@@ -210,7 +210,7 @@ async def test_fc08_exception_ends_transaction(code, name, flag):
             await link.close()
 
 
-async def test_fc08_literal_bytes_exception_02():
+async def test_exception_02_literal_bytes():
     async def handler(request, writer):
         writer.write(bytes.fromhex("0001 0000 0003 01 83 02"))
 
@@ -348,15 +348,15 @@ async def test_bad_mbap_header_drops_connection():
             await link.close()
 
 
-async def test_pipelined_answers_out_of_order():
-    held: list[bytes] = []
+async def test_pipelined_responses_out_of_order():
+    queued: list[bytes] = []
 
     async def handler(request, writer):
-        held.append(request)
-        if len(held) == 2:
-            for waiting in reversed(held):
+        queued.append(request)
+        if len(queued) == 2:
+            for waiting in reversed(queued):
                 await echo_words(waiting, writer)
-            held.clear()
+            queued.clear()
 
     async with ScriptedTcpServer(handler) as server:
         link = await started(ModbusLink.tcp("127.0.0.1", server.port, max_in_flight=2))
@@ -370,12 +370,12 @@ async def test_pipelined_answers_out_of_order():
 
 async def test_one_request_in_flight_by_default():
     in_flight = 0
-    most = 0
+    max_seen = 0
 
     async def handler(request, writer):
-        nonlocal in_flight, most
+        nonlocal in_flight, max_seen
         in_flight += 1
-        most = max(most, in_flight)
+        max_seen = max(max_seen, in_flight)
         await asyncio.sleep(0.01)
         in_flight -= 1
         await echo_words(request, writer)
@@ -385,7 +385,7 @@ async def test_one_request_in_flight_by_default():
         try:
             results = await asyncio.gather(*(link.read(1, 3, i, 1) for i in range(5)))
             assert results == [[i] for i in range(5)]
-            assert most == 1
+            assert max_seen == 1
         finally:
             await link.close()
 
