@@ -89,9 +89,9 @@ async def link(server):
     await modbus_link.close()
 
 
-def make_device(link: ModbusLink, **options) -> ModbusDevice:
+def make_device(link: ModbusLink, unit_id: int = UNIT, **options) -> ModbusDevice:
     settings = {"poll_period_s": 0.05, "timeout_s": 0.5} | options
-    return ModbusDevice("inv1", PROFILE, link, UNIT, **settings)
+    return ModbusDevice("inv1", PROFILE, link, unit_id, **settings)
 
 
 def reads_of(server: RegisterServer, address: int) -> int:
@@ -408,6 +408,7 @@ async def test_write_point_read_back_mismatch():
         ({"timeout_s": -1}, "must be positive"),
         ({"stale_s": 0}, "stale_s"),
         ({"busy_retries": -1}, "busy_retries"),
+        ({"unit_id": 256}, "unit id must be 0..255"),
     ],
 )
 def test_device_rejects_settings(options, message):

@@ -20,7 +20,7 @@ What each failure does to the readings and to the polling:
 A failed read never keeps the last value. A GOOD reading older than
 ``stale_s`` reads as STALE from :meth:`ModbusDevice.readings`. The device
 logs one line when it goes offline (with the reason), one when it is back,
-and one when a block is rejected or readable again; repeats are silent.
+and one when a block is rejected or readable again. Repeats log nothing.
 """
 
 from __future__ import annotations
@@ -115,6 +115,11 @@ class ModbusDevice:
             raise ValueError(f"device {name!r}: stale_s must be positive, got {stale_s}")
         if busy_retries < 0:
             raise ValueError(f"device {name!r}: busy_retries must be 0 or more, got {busy_retries}")
+        try:
+            link.check_unit(unit_id)
+        except ValueError as err:
+            raise ValueError(f"device {name!r}: {err}") from err
+
         self.name = name
         self.profile = profile
         self.link = link
@@ -126,11 +131,13 @@ class ModbusDevice:
         self.busy_retries = busy_retries
         self.busy_retry_s = min(0.1, poll_period_s / 4) if busy_retry_s is None else busy_retry_s
         self.rejected_block_retry_s = rejected_block_retry_s
+
         #: The reads of one poll, planned once from the profile.
         self.blocks: tuple[ReadBlock, ...] = tuple(
             plan_reads(profile.points, profile.max_gap_regs, profile.max_block_regs)
         )
         self._decoders = tuple(BlockDecoder(block) for block in self.blocks)
+
         self.state = DeviceState.UNKNOWN
         #: Why the device last went offline.
         self.last_error: ModbusError | None = None
@@ -141,6 +148,7 @@ class ModbusDevice:
         self.overruns = 0
         #: Duration of the last poll in :meth:`run`, including the store callback.
         self.cycle_time_s = 0.0
+
         self._offline_polls = 0
         self._rng = random.Random()
         self._blocks_status = [_BlockStatus() for _ in self.blocks]
@@ -156,8 +164,9 @@ class ModbusDevice:
     async def poll_once(self) -> dict[str, Reading]:
         """Read every block once and return the readings, aged at the end of the poll.
 
-        Never raises for a device or link failure: those become qualities
-        (see the module docstring) and :attr:`state`.
+        A timeout, an exception response, an invalid frame or a link that is
+        down raises nothing. Each becomes the qualities that the module
+        docstring lists, and a :attr:`state`.
         """
         self.polls += 1
         started_mono_s = time.monotonic()

@@ -16,12 +16,12 @@ Contract for callers:
 * One request is in flight per link, unless a TCP link is built with
   ``max_in_flight > 1`` for a device that accepts pipelined requests.
 * Matching is strict. On TCP the transaction id picks the request, and
-  then the unit, function and byte count (or write echo) must match; an
-  response with an unknown transaction id is stale and is dropped. On RTU, with
-  no transaction id, a frame that does not match the request in flight by
-  unit, function and byte count is a late response to an earlier request and
-  is dropped, and the input is flushed after the line has been silent for
-  3.5 characters before each request.
+  then the unit, function and byte count (or write echo) must match. A
+  response with an unknown transaction id is stale and is dropped.
+* RTU has no transaction id, so a frame that does not match the request in
+  flight by unit, function and byte count is taken as a late response to an
+  earlier request and dropped. Before each request the link waits until the
+  line has been silent for 3.5 characters and flushes the input.
 * Reconnects use capped exponential backoff with jitter. The link logs one
   line per state change (connected, down, reconnected, closed), never one
   per attempt; :attr:`ModbusLink.counters` counts the rest.
@@ -176,6 +176,7 @@ class ModbusLink:
             )
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+
         #: ``tcp 10.0.0.5:502`` or ``rtu /dev/ttyUSB0``, used in every message.
         self.name = name
         #: Default request timeout.
@@ -183,12 +184,14 @@ class ModbusLink:
         self.connect_timeout_s = connect_timeout_s
         self.backoff = backoff or Backoff()
         self.max_in_flight = max_in_flight
+
         self.state = LinkState.CLOSED
         self.counters = LinkCounters()
         #: Why the link last went down.
         self.last_error: BaseException | None = None
         #: ``time.monotonic()`` of the next connect attempt while the link is down.
         self.next_attempt_mono_s: float | None = None
+
         self._rng = rng or random.Random()
         self._log = log.bind(link=name)
         self._pending: dict[int, _Pending] = {}
@@ -317,7 +320,7 @@ class ModbusLink:
         self, unit: int, request: bytes, address: int, count: int, timeout_s: float | None
     ) -> bytes:
         """Send ``request`` and return the checked response PDU."""
-        self._check_unit(unit)
+        self.check_unit(unit)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
@@ -520,7 +523,7 @@ class ModbusLink:
         """Forget partial input from an earlier connection."""
         raise NotImplementedError
 
-    def _check_unit(self, unit: int) -> None:
+    def check_unit(self, unit: int) -> None:
         """Raise ``ValueError`` for a unit id this transport cannot address."""
         raise NotImplementedError
 
@@ -595,7 +598,7 @@ class ModbusTcpLink(ModbusLink):
         self._splitter.reset()
         self._timeouts_in_a_row = 0
 
-    def _check_unit(self, unit: int) -> None:
+    def check_unit(self, unit: int) -> None:
         # Modbus TCP uses 0 or 255 for a device addressed by its IP alone.
         if not 0 <= unit <= 255:
             raise ValueError(f"unit id must be 0..255 on Modbus TCP, got {unit}")
@@ -717,7 +720,7 @@ class ModbusRtuLink(ModbusLink):
         self._extractor.reset()
         self.counters.discarded_bytes = self._extractor.discarded_bytes
 
-    def _check_unit(self, unit: int) -> None:
+    def check_unit(self, unit: int) -> None:
         if not 1 <= unit <= 247:
             raise ValueError(
                 f"unit id must be 1..247 on Modbus RTU, got {unit}; broadcast (0) gets no "
