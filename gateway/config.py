@@ -130,6 +130,11 @@ class Control(_Strict):
     ramp_limit_kw_per_s: float = Field(default=50.0, gt=0)
     #: Time constant of the low-pass that defines the smooth grid target.
     smoothing_tau_s: float = Field(default=5.0, ge=0)
+    #: Periodic feed-forward of the load (gateway.control.predictor): predict the
+    #: load one iteration period back, shifted by the lead, while the load is periodic.
+    feedforward: bool = True
+    #: Meter delay (window/2 + update/2) plus PCS dead time and time constant.
+    feedforward_lead_ms: float = Field(default=150.0, ge=0, lt=400)
     soc_hard_min_pct: float = Field(default=5.0, ge=0, le=100)
     soc_soft_min_pct: float = Field(default=15.0, ge=0, le=100)
     soc_soft_max_pct: float = Field(default=90.0, ge=0, le=100)

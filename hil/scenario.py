@@ -116,6 +116,9 @@ class Control(_Strict):
     grid_floor_kw: float = 0.0
     ramp_limit_kw_per_s: float = Field(default=50.0, gt=0)
     smoothing_tau_s: float = Field(default=5.0, ge=0)
+    #: Periodic feed-forward of the load (see gateway.control.predictor).
+    feedforward: bool = True
+    feedforward_lead_ms: float = Field(default=150.0, ge=0, lt=400)
 
 
 class Tariff(_Strict):
@@ -230,7 +233,9 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
 
 def builtin_scenarios() -> list[str]:
     folder = resources.files("hil") / "scenarios"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_scenario(name_or_path: str | Path) -> Scenario:
@@ -245,6 +250,9 @@ def load_scenario(name_or_path: str | Path) -> Scenario:
     if not resource.is_file():
         known = ", ".join(builtin_scenarios())
         raise ScenarioError(
-            str(name_or_path), [f"no built-in scenario of that name; built-in: {known}, or give a path"]
+            str(name_or_path),
+            [f"no built-in scenario of that name; built-in: {known}, or give a path"],
         )
-    return parse_scenario(resource.read_text(encoding="utf-8"), f"hil/scenarios/{name_or_path}.toml")
+    return parse_scenario(
+        resource.read_text(encoding="utf-8"), f"hil/scenarios/{name_or_path}.toml"
+    )

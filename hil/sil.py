@@ -28,6 +28,7 @@ import numpy as np
 from gateway.control import law
 from gateway.control.layout import empty_inputs
 from gateway.control.loop import load_extension
+from gateway.control.predictor import PeriodicPredictor, PredictorParams
 from hil import plant as plant_model
 from hil.evaluate import Capture
 from hil.scenario import Scenario
@@ -35,6 +36,8 @@ from hil.site import SiteTraces, build_traces
 
 GOOD = 0  # drivers.quality.Quality.GOOD
 BMS_PERIOD_S = 1.0
+#: The daemon's input cycle: how often it writes the fast loop's inputs.
+INPUT_PERIOD_S = 0.01
 
 
 @dataclass
@@ -43,6 +46,8 @@ class SilResult:
     #: Per-tick grid target and demand the battery could not cover, in kW.
     target_kw: np.ndarray
     uncovered_kw: np.ndarray
+    #: Feed-forward blend gain per tick, 0 when off.
+    feedforward_gain: np.ndarray
     kernel: str
     wall_s: float
 
@@ -178,6 +183,18 @@ def run_sil(
     setpoints = np.zeros(units_n)
     limits = site_plant.battery.bms_limits()
     started_running = False
+    input_steps = max(round(INPUT_PERIOD_S / dt_s), 1)
+    predictor = (
+        PeriodicPredictor(
+            PredictorParams(
+                sample_period_s=input_steps * dt_s,
+                lead_s=scenario.control.feedforward_lead_ms / 1000.0,
+            )
+        )
+        if scenario.control.feedforward
+        else None
+    )
+    gain = np.zeros(n)
 
     for i in range(n):
         t_s = i * dt_s
@@ -192,10 +209,14 @@ def run_sil(
             site["grid_kw"] = grid_value
             site["grid_t_ns"] = now_ns
             site["grid_quality"] = GOOD
-        if np.isfinite(measured_load[i]):
-            site["load_kw"] = measured_load[i]
+        if i % input_steps == 0 and np.isfinite(measured_load[i]):
+            load_input = measured_load[i]
+            if predictor is not None:
+                load_input = predictor.update(float(measured_load[i]))
+            site["load_kw"] = load_input
             site["load_t_ns"] = now_ns
             site["load_quality"] = GOOD
+        gain[i] = predictor.gain if predictor is not None else 0.0
         if i % meter_steps == 0:
             units["pcs_p_kw"] = site_plant.pcs.state.p_kw
             units["pcs_t_ns"] = now_ns
@@ -236,4 +257,4 @@ def run_sil(
         charge_limit_a=charge_limit,
         discharge_limit_a=discharge_limit,
     )
-    return SilResult(capture, target, uncovered, kernel, time.perf_counter() - started)
+    return SilResult(capture, target, uncovered, gain, kernel, time.perf_counter() - started)
