@@ -80,6 +80,17 @@ async def test_late_reply_rejected_by_byte_count(peer, link):
     assert link.counters.stale_frames == 1
 
 
+async def test_late_reply_rejected_by_function(peer, link):
+    # Same unit and byte count, but an input-register response while a
+    # holding-register read waits: a late response, dropped.
+    reading = asyncio.ensure_future(link.read(1, 3, 0, 2))
+    await peer.read_request(8)
+    peer.send(registers_frame(1, 4, [9, 9]))
+    peer.send(registers_frame(1, 3, [1, 2]))
+    assert await reading == [1, 2]
+    assert link.counters.stale_frames == 1
+
+
 async def test_late_reply_flushed_before_next_request(peer, link):
     with pytest.raises(ModbusTimeout):
         await link.read(1, 3, 0, 2, timeout_s=0.1)
