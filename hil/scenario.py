@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hil.plan_scenario import Cluster, DemandResponse, Planner
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -188,6 +190,10 @@ class Scenario(_Strict):
     tariff: Tariff = Tariff()
     faults: list[Fault] = Field(default_factory=list)
     criteria: Criteria = Criteria()
+    #: Planning replays over days only (``bessgw plan replay``).
+    cluster: Cluster | None = None
+    planner: Planner | None = None
+    demand_response: list[DemandResponse] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_faults(self) -> Scenario:
