@@ -83,11 +83,18 @@ class DaemonRig:
     """Simulators, configuration and the daemon process of one test."""
 
     def __init__(
-        self, tmp_path: Path, *, sigterm_ramp_s: float = 1.0, metrics: bool = False
+        self,
+        tmp_path: Path,
+        *,
+        sigterm_ramp_s: float = 1.0,
+        metrics: bool = False,
+        with_bms: bool = True,
     ) -> None:
         self.tmp = tmp_path
         self.grid = RegisterServer(load_profile("meter-3ph"))
         self.pcs = RegisterServer(load_profile("pcs-sunspec"))
+        #: Without a BMS the PCS has no battery data, so its interlock keeps it at 0 kW.
+        self.with_bms = with_bms
         self.bms = SlcanBms()
         self.sigterm_ramp_s = sigterm_ramp_s
         self.metrics_port = free_port() if metrics else 0
@@ -134,6 +141,19 @@ class DaemonRig:
             "smoothing_tau_s": "smoothing_tau_s = 0.5",
         }
         lines.update(overrides)
+        bms_section = (
+            f"""bms = "bms-1"
+
+[[devices]]
+name = "bms-1"
+role = "bms"
+profile = "bms-pylontech"
+transport = {{ kind = "can", interface = "slcan", channel = "{self.bms.path}" }}
+max_current_a = 1500.0
+"""
+            if self.with_bms
+            else ""
+        )
         self.config_path.write_text(
             f"""
 [site]
@@ -156,14 +176,7 @@ transport = {{ kind = "tcp", host = "127.0.0.1", port = {self.pcs_port} }}
 poll_period_ms = 50
 timeout_ms = 500
 rated_kw = 500.0
-bms = "bms-1"
-
-[[devices]]
-name = "bms-1"
-role = "bms"
-profile = "bms-pylontech"
-transport = {{ kind = "can", interface = "slcan", channel = "{self.bms.path}" }}
-max_current_a = 1500.0
+{bms_section}
 
 [control]
 rate_hz = 1000
