@@ -32,12 +32,13 @@ import structlog
 from drivers.can.bms import BmsString, BmsStringConfig, Severity
 from drivers.can.reader import CanLink, CanReader
 from drivers.modbus.device import DeviceState, ModbusDevice
+from drivers.modbus.errors import ModbusError
 from drivers.modbus.link import ModbusLink
 from drivers.modbus.profile import Profile, load_profile
+from drivers.pcs import PcsDriver, PcsError
 from drivers.quality import Quality, Reading
 from gateway.config import Device, SiteConfig
 from gateway.measurements import MeasurementStore
-from gateway.pcs_writer import PcsWriter
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +72,7 @@ class PlantIO:
         self.pcs_names = tuple(d.name for d in self.pcs)
         self.pcs_bms = _pair_bms(config)
         self._tasks: list[asyncio.Task[None]] = []
-        self._writers: list[Any] = []
+        self._writers: list[PcsWriter] = []
         for device in config.devices:
             measurements.add_device(device.name, device.role, device.effective_stale_ms / 1000)
             if device.role == "bms":
@@ -105,7 +106,8 @@ class PlantIO:
             self._tasks.append(asyncio.create_task(poller.run(self._on_poll), name=f"poll {name}"))
         self._start_can()
         for index, device in enumerate(self.pcs):
-            writer = _make_writer(device, self.devices[device.name], self.config)
+            link = self.links[_link_key(device)]
+            writer = _make_writer(device, link, self.profiles[device.name], self.config)
             self._writers.append(writer)
             self._tasks.append(
                 asyncio.create_task(
@@ -148,10 +150,9 @@ class PlantIO:
         self.links = {}
 
     def reset_faults(self) -> None:
-        """Operator reset of every PCS writer's latched write fault."""
+        """Request the operator reset of every PCS driver whose write fault is latched."""
         for writer in self._writers:
-            if writer.faulted:
-                writer.reset()
+            writer.request_reset()
 
     async def shutdown_pcs(self, timeout_s: float) -> dict[str, bool]:
         """Command 0 kW and disable every PCS; return which ones confirmed by read-back."""
@@ -339,5 +340,80 @@ def _put(site: np.ndarray, name: str, reading: Reading) -> None:
     site[f"{name}_t_ns"] = round(reading.t_mono_s * 1e9)
 
 
-def _make_writer(device: Device, poller: ModbusDevice, config: SiteConfig) -> PcsWriter:
-    return PcsWriter(device, poller, config)
+class PcsWriter:
+    """The daemon's side of one :class:`~drivers.pcs.PcsDriver`: start, enable, step, stop.
+
+    :meth:`apply` runs every ``period_s`` (the driver's minimum write
+    interval). It starts the driver once the PCS answers, retrying every
+    ``START_RETRY_S`` and logging one line per failure streak, then enables
+    or disables it as the command says and steps the setpoint. A fault that
+    the driver latches is left latched (the driver has already commanded
+    0 kW and disabled the PCS) until :meth:`request_reset`.
+    """
+
+    START_RETRY_S = 1.0
+
+    def __init__(self, driver: PcsDriver) -> None:
+        self.driver = driver
+        self.name = driver.name
+        self.period_s = driver.policy.settings.min_write_interval_s
+        self._next_start_mono_s = 0.0
+        self._start_failing = False
+        self._reset_requested = False
+
+    @property
+    def faulted(self) -> bool:
+        return self.driver.fault is not None
+
+    def request_reset(self) -> None:
+        """Ask for the driver's operator reset at the next cycle; only a faulted driver resets."""
+        self._reset_requested = self.faulted
+
+    async def apply(self, p_kw: float, enabled: bool) -> None:
+        driver = self.driver
+        try:
+            if self._reset_requested:
+                self._reset_requested = False
+                await driver.reset()
+            if not driver.started and not await self._start():
+                return
+            if driver.fault is not None:
+                return
+            if enabled and not driver.enabled:
+                await driver.enable()
+            elif not enabled and driver.enabled:
+                await driver.disable()
+            await driver.step(p_kw if enabled else 0.0)
+        except PcsError as err:
+            # A latched fault: the driver has logged it and brought the PCS to 0 kW.
+            log.debug("pcs_cycle_failed", device=self.name, error=str(err))
+
+    async def _start(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_start_mono_s:
+            return False
+        try:
+            await self.driver.start()
+        except (PcsError, ModbusError) as err:
+            self._next_start_mono_s = now + self.START_RETRY_S
+            if not self._start_failing:
+                self._start_failing = True
+                log.error("pcs_start_failed", device=self.name, error=str(err))
+            return False
+        if self._start_failing:
+            self._start_failing = False
+            log.info("pcs_start_recovered", device=self.name)
+        return True
+
+    async def shutdown(self) -> None:
+        """Command 0 kW and disable; raise ``PcsError`` when a step was not verified."""
+        if not self.driver.started:
+            raise PcsError(f"PCS {self.name!r} never started, so it was not commanded")
+        if not await self.driver.disable():
+            raise PcsError(f"PCS {self.name!r}: 0 kW and disable were not both verified")
+
+
+def _make_writer(
+    device: Device, link: ModbusLink, profile: Profile, config: SiteConfig
+) -> PcsWriter:
+    return PcsWriter(PcsDriver.from_config(device, config, link, profile))
