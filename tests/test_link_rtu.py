@@ -133,6 +133,30 @@ async def test_write_registers_over_rtu(peer, link):
     await writing
 
 
+async def test_pyserial_socket_url():
+    """An RTU device behind a raw serial-to-TCP converter, reached with a socket:// URL."""
+
+    async def converter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readexactly(8)
+        assert request == framing.rtu_adu(3, framing.read_request_pdu(4, 0x10, 2))
+        writer.write(registers_frame(3, 4, [0x1234, 0x5678]))
+        await writer.drain()
+        await reader.read()  # until the link closes
+        writer.close()
+
+    server = await asyncio.start_server(converter, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    rtu = ModbusLink.rtu(f"socket://127.0.0.1:{port}", 9600, timeout_s=2.0)
+    try:
+        await rtu.start()
+        await rtu.wait_connected(5.0)
+        assert await rtu.read(3, 4, 0x10, 2) == [0x1234, 0x5678]
+    finally:
+        await rtu.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_unit_zero_rejected(link):
     with pytest.raises(ValueError, match="broadcast"):
         await link.read(0, 3, 0, 1)
@@ -154,7 +178,7 @@ async def test_missing_device_is_down_with_hint(tmp_path):
     await rtu.start()
     try:
         with pytest.raises(ModbusConnectError, match="ttyMISSING"):
-            await rtu.wait_connected(2.0)
+            await rtu.wait_connected(0.2)
         assert rtu.state is LinkState.DOWN
         with pytest.raises(ModbusConnectError, match="adapter is plugged in"):
             await rtu.read(1, 3, 0, 1)
