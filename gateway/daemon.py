@@ -79,6 +79,8 @@ class Daemon:
         self.config_path = None if config_path is None else Path(config_path)
         self._environ = dict(os.environ if environ is None else environ)
         self.notifier = Notifier(self._environ)
+
+        # Operator state, changed through the API.
         self.machine = StateMachine()
         self.mode = Mode.AUTO
         self.manual_kw = 0.0
@@ -87,6 +89,8 @@ class Daemon:
         #: Demand-response events by id; each lowers the cap by ``reduce_kw`` while it runs.
         self.dr_events: dict[str, DemandResponseParams] = {}
         self._dr_active: frozenset[str] = frozenset()
+
+        # Plant, loop and service pieces; none of them does I/O before run().
         self.measurements = MeasurementStore()
         self.plant = plant_factory(config, self.measurements)
         self.pcs_names = self.plant.pcs_names
@@ -98,6 +102,7 @@ class Daemon:
         self.telemetry: Telemetry | None = None
         self.api = ApiServer(config.service.api_socket, self._api_handlers())
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bessgw-store")
+
         self._store_failing = False
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -194,6 +199,7 @@ class Daemon:
             log.info("pcs_shutdown", confirmed=confirmed)
         except Exception:
             log.exception("pcs_shutdown_failed")
+
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -201,6 +207,7 @@ class Daemon:
         await self.api.stop()
         await self.plant.stop()
         self.loop.stop()
+
         records = self.loop.drain()
         if self.telemetry is not None:
             offset = time.time() - time.monotonic()
@@ -290,13 +297,13 @@ class Daemon:
             await asyncio.sleep(delay)
 
     async def _wait_for_devices(self) -> None:
-        """Stay in ``init`` until every device has answered, updating STATUS= as devices come up.
+        """Stay in ``init`` until every device has responded, updating STATUS= as devices come up.
 
         The fast loop starts only afterwards, so its first ticks see fresh
         inputs and no interlock latches on the empty inputs of the start.
         """
         waiting: list[str] = []
-        # Polled: device answers arrive through several drivers with no common event.
+        # Polled, because responses arrive through several drivers with no common event.
         while not self.measurements.all_answered():
             now_waiting = self.measurements.waiting_for()
             if now_waiting != waiting:
@@ -304,7 +311,7 @@ class Daemon:
                 self.notifier.status("init: waiting for " + ", ".join(waiting))
                 log.info("waiting_for_devices", devices=waiting)
             await asyncio.sleep(SUPERVISE_PERIOD_S / 2)
-        # Two input cycles, so the loop's first snapshot holds every device.
+        # Two input cycles, so the loop's first snapshot contains every device.
         await asyncio.sleep(2 * INPUT_PERIOD_S)
         self.loop.start()
 
@@ -520,6 +527,7 @@ class Daemon:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as err:
             return False, "kept the running configuration: " + "; ".join(err.problems)
+
         if new.devices != self.config.devices:
             return False, (
                 "kept the running configuration: the device list changed, which needs a "
@@ -536,6 +544,7 @@ class Daemon:
                 "kept the running configuration: state_dir, api_socket, metrics_host/port and "
                 "control.rate_hz take effect only at a restart"
             )
+
         try:
             params = law.LawParams.from_config(new, len(self.pcs_names))
         except ValueError as err:
@@ -545,6 +554,7 @@ class Daemon:
             for section in ("site", "control", "safety", "service")
             if getattr(new, section) != getattr(self.config, section)
         ]
+
         self.config = new
         self.base_params = params
         self._apply_params()

@@ -76,7 +76,7 @@ class MeasurementStore:
         self._device(name).readings.update(readings)
 
     def mark_ok(self, name: str, now_mono_s: float) -> None:
-        """Record that the device answered; the first answer after a failure logs one line."""
+        """Record a successful poll; the first success after a failure logs one line."""
         health = self._device(name).health
         health.last_ok_mono_s = now_mono_s
         health.errors_in_row = 0
@@ -91,7 +91,7 @@ class MeasurementStore:
             health.ever_up = True
 
     def mark_error(self, name: str, error: str, now_mono_s: float) -> None:
-        """Count a failed poll; the first failure, and the first after an answer, log one line."""
+        """Count a failed poll; the first failure, and the first after a success, log one line."""
         device = self._device(name)
         health = device.health
         health.errors += 1

@@ -13,8 +13,8 @@
 
 :meth:`PlantIO.fill_inputs` turns the newest readings into the fast loop's
 input records. Signs: grid +import, load +consumption, PCS +discharge. The
-site load the loop sees is ``racks + facility - renewables``; a site without
-rack meters derives it from the balance ``grid + sum(PCS power)``.
+site load passed to the loop is ``racks + facility - renewables``. A site
+without rack meters derives it from the balance ``grid + sum(PCS power)``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _TO_KW = {"W": 1e-3, "kW": 1.0, "MW": 1e3}
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """What one PCS should do now: ``p_kw`` (+discharge) and whether it is enabled."""
+    """Order for one PCS: ``p_kw`` (+discharge) and whether it is enabled."""
 
     p_kw: float
     enabled: bool
@@ -72,6 +72,7 @@ class PlantIO:
         self.pcs_names = tuple(d.name for d in self.pcs)
         self.pcs_bms = _pair_bms(config)
         self._tasks: list[asyncio.Task[None]] = []
+        self._writer_tasks: list[asyncio.Task[None]] = []
         self._writers: list[PcsWriter] = []
         for device in config.devices:
             measurements.add_device(device.name, device.role, device.effective_stale_ms / 1000)
@@ -109,7 +110,7 @@ class PlantIO:
             link = self.links[_link_key(device)]
             writer = _make_writer(device, link, self.profiles[device.name], self.config)
             self._writers.append(writer)
-            self._tasks.append(
+            self._writer_tasks.append(
                 asyncio.create_task(
                     self._write_loop(index, writer, command), name=f"pcs {device.name}"
                 )
@@ -137,9 +138,8 @@ class PlantIO:
             self.can_readers.append(reader)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel([*self._writer_tasks, *self._tasks])
+        self._writer_tasks = []
         self._tasks = []
         for reader in self.can_readers:
             await asyncio.to_thread(reader.stop)
@@ -155,7 +155,13 @@ class PlantIO:
             writer.request_reset()
 
     async def shutdown_pcs(self, timeout_s: float) -> dict[str, bool]:
-        """Command 0 kW and disable every PCS; return which ones confirmed by read-back."""
+        """Stop the writer cycles, then command 0 kW and disable every PCS.
+
+        Returns, per PCS, whether both were confirmed by read-back. The
+        cycles stop first because a driver takes one call at a time.
+        """
+        await _cancel(self._writer_tasks)
+        self._writer_tasks = []
         results: dict[str, bool] = {}
         for device, writer in zip(self.pcs, self._writers, strict=True):
             try:
@@ -247,6 +253,7 @@ class PlantIO:
         unit["pcs_t_ns"] = round(power.t_mono_s * 1e9)
         writer_faulted = bool(self._writers) and self._writers[self.pcs.index(device)].faulted
         unit["pcs_fault"] = int(self._pcs_faulted(device, now) or writer_faulted)
+
         bms_name = self.pcs_bms.get(device.name)
         if bms_name is None:
             unit["bms_quality"] = int(Quality.STALE)
@@ -282,6 +289,12 @@ class PlantIO:
             return False
         status = self.measurements.reading(device.name, point, now)
         return bool(status.good and status.value in settings.get("status_fault_values", []))
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _pair_bms(config: SiteConfig) -> dict[str, str]:
@@ -398,7 +411,8 @@ class PcsWriter:
             self._next_start_mono_s = now + self.START_RETRY_S
             if not self._start_failing:
                 self._start_failing = True
-                log.error("pcs_start_failed", device=self.name, error=str(err))
+                # The error text names host, unit and the fix; no traceback needed.
+                log.error("pcs_start_failed", device=self.name, error=str(err))  # noqa: TRY400
             return False
         if self._start_failing:
             self._start_failing = False

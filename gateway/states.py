@@ -2,7 +2,7 @@
 
 ::
 
-    init --devices answered, loop ticking--> standby <--mode standby-- running
+    init --devices respond, loop ticking---> standby <--mode standby-- running
                                               |   ^                    |  ^
                                   mode auto or|   |fault cleared       |  |cause gone
                                   manual      v   |and reset           v  |
@@ -41,7 +41,7 @@ class Mode(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Conditions:
-    """What the supervision cycle observed; the state follows from it."""
+    """Observations of one supervision cycle, from which the state follows."""
 
     mode: Mode
     loop_healthy: bool

@@ -148,7 +148,7 @@ def _call(args: argparse.Namespace, method: str, **params: Any) -> dict[str, Any
         return client.call(method, **params)
     except ApiError as err:
         code = EXIT_USAGE if err.code in ("invalid_params", "unknown_method") else EXIT_IO
-        raise CliError(f"the daemon answered {err.code}: {err.message}", code) from err
+        raise CliError(f"the daemon returned error {err.code}: {err.message}", code) from err
     except (ConnectionError, TimeoutError) as err:
         raise CliError(str(err), EXIT_IO) from err
 
@@ -184,6 +184,7 @@ def format_status(status: dict[str, Any]) -> str:
     if override:
         cap_text += f" (override by {override['operator']}, {override['remaining_s']:g} s left)"
     lines.append(f"grid cap: {cap_text}")
+
     loop = status["loop"]
     lines.append(
         f"fast loop: {'healthy' if loop['healthy'] else 'NOT HEALTHY'}, {loop['ticks']} ticks, "
@@ -201,6 +202,7 @@ def format_status(status: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"  {name:<16} {device['role']:<16} {up:<5} last good read {age}{error}")
+
     faults = status.get("faults_active") or []
     lines.append(f"active faults: {len(faults)}")
     lines.extend(f"  {_fault_line(f)}" for f in faults)

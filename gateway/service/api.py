@@ -11,7 +11,7 @@ One request per line, one response line per request, in order::
 ``unknown_method``, ``invalid_params``, ``rejected`` (the daemon refused the
 action in its current state, for example a manual setpoint while faulted),
 ``internal_error``. Parameters are validated here, with pydantic models that
-forbid unknown keys, before a handler sees them.
+forbid unknown keys, before a handler receives them.
 
 Access control is the socket file itself: mode 0660, group ``bessgw`` when
 that group exists. There is no network listener. Each operator action is
@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 
 SOCKET_MODE = 0o660
 SOCKET_GROUP = "bessgw"
-#: Longest request line accepted; a longer one closes the connection.
+#: Maximum request line length in bytes; a longer line closes the connection.
 MAX_LINE_BYTES = 64 * 1024
 MAX_CLIENTS = 16
 #: A connection that sends nothing for this long is closed.
@@ -88,8 +88,8 @@ class OperatorParams(_Params):
 class JobHintParams(_Params):
     """A job scheduler's notice of a planned job, for the load forecast.
 
-    Times are UNIX seconds or ISO 8601 strings with a zone; the forecast's
-    hint parser checks the values, so this model only fixes the keys and types.
+    Times are UNIX seconds or ISO 8601 strings with a zone. The forecast's
+    hint parser checks the values, so this model fixes only keys and types.
     """
 
     job_id: str = Field(min_length=1, max_length=128)
@@ -155,8 +155,8 @@ class ApiServer:
     """Serve :data:`METHODS` on a Unix socket, each dispatched to its handler.
 
     ``handlers`` maps a method name to ``async handler(params, peer_uid) ->
-    dict``; ``params`` is the validated model instance. A method without a
-    handler answers ``unknown_method``.
+    dict``; ``params`` is the validated model instance. A request for a method
+    without a handler gets the error code ``unknown_method``.
     """
 
     def __init__(self, path: str | Path, handlers: Mapping[str, Handler]) -> None:
@@ -235,13 +235,30 @@ class ApiServer:
             await _send(writer, response)
 
     async def handle_line(self, line: bytes, peer_uid: int | None = None) -> dict[str, Any]:
-        """Parse, validate and dispatch one request line; return the response object."""
+        """Parse, validate and dispatch one request line; return the response object.
+
+        Every error response is logged once, with its code and the peer's uid.
+        """
+        response = await self._dispatch(line, peer_uid)
+        if not response["ok"]:
+            error = response["error"]
+            log.warning(
+                "api_request_failed",
+                code=error["code"],
+                error=error["message"],
+                request_id=response["id"],
+                peer_uid=peer_uid,
+            )
+        return response
+
+    async def _dispatch(self, line: bytes, peer_uid: int | None) -> dict[str, Any]:
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             return _error(None, "parse_error", f"request is not valid JSON: {err}")
         if not isinstance(request, dict):
             return _error(None, "invalid_request", "request must be a JSON object")
+
         request_id = request.get("id")
         method = request.get("method")
         if not isinstance(method, str):
@@ -253,6 +270,7 @@ class ApiServer:
         if handler is None:
             known = ", ".join(sorted(self.handlers))
             return _error(request_id, "unknown_method", f"no method {method!r}; known: {known}")
+
         raw_params = request.get("params") or {}
         if not isinstance(raw_params, dict):
             return _error(request_id, "invalid_params", "'params' must be a JSON object")
@@ -264,6 +282,7 @@ class ApiServer:
                 for e in err.errors(include_url=False)
             )
             return _error(request_id, "invalid_params", problems)
+
         try:
             result = await handler(params, peer_uid)
         except ApiRejectedError as err:
@@ -288,7 +307,7 @@ class ApiClient:
         """Send one request and return its ``result``; raise :class:`ApiError` on an error reply.
 
         Connection problems raise ``ConnectionError`` (or ``TimeoutError``)
-        with a message that says what to check.
+        with a message that names what to check.
         """
         request = {"id": self._next_id, "method": method, "params": params}
         self._next_id += 1

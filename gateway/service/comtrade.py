@@ -8,8 +8,9 @@ timing, ``NAME.dat`` has one line per sample::
 Each analog value is stored as an integer ``x`` in [-99999, 99999] and means
 ``a * x + b`` in the channel's unit. The writer chooses ``a`` per channel from
 the largest magnitude in the record, which keeps five significant digits.
-A NaN (a value that was not good) is written as the 1999 revision's missing
-value code ``99999``; ``a`` is chosen so that valid values never reach it.
+A NaN (a value that was not good) is written as ``99999``, the missing-value
+code of the 1999 revision. The writer chooses ``a`` so that valid values stay
+below it.
 """
 
 from __future__ import annotations

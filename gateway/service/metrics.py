@@ -1,7 +1,7 @@
 """Prometheus metrics of the daemon, served by prometheus_client's HTTP server.
 
 The daemon updates these from its supervision cycle (a few times per
-second) with values it has already computed; nothing here runs per 1 kHz
+second) with values it has already computed, so nothing here runs per 1 kHz
 tick. Every metric lives in the :class:`Metrics` object's own registry, so
 two daemons in one test process do not collide.
 """

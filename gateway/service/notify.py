@@ -25,9 +25,9 @@ class Notifier:
     """Send readiness, status, watchdog and stopping messages to systemd.
 
     A send that fails (the socket vanished, the manager is gone) is logged
-    once and then counted; sending resumes silently when it works again,
-    with one ``notify_recovered`` line. Sending never raises, because losing
-    the supervisor must not stop the control of the plant: systemd's own
+    once and then counted. When sending works again, one
+    ``notify_recovered`` line follows. Sending never raises, because losing
+    the supervisor must not stop the control of the plant, and systemd's own
     watchdog kills a service that stops pinging.
     """
 
@@ -62,7 +62,7 @@ class Notifier:
             self.failed_sends += 1
             if not self._failing:
                 self._failing = True
-                # No traceback: the errno text says all there is to say.
+                # No traceback: the OS error text is the whole diagnosis.
                 log.error(  # noqa: TRY400
                     "notify_failed",
                     socket=os.fsdecode(self.address),

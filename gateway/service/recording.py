@@ -87,7 +87,7 @@ class SecondAggregator:
 
 @dataclass(frozen=True, slots=True)
 class Capture:
-    """Ticks around one fault: ``ticks[trigger_index]`` is the first tick that saw it."""
+    """Ticks around one fault; ``ticks[trigger_index]`` is the first tick after the trigger."""
 
     fault_code: str
     ticks: np.ndarray

@@ -515,7 +515,10 @@ def _prepare(db: sqlite3.Connection, path: Path) -> None:
     db.execute("PRAGMA auto_vacuum = INCREMENTAL")
     mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode.lower() != "wal":
-        raise StoreError(f"{path}: SQLite refused WAL mode (got {mode!r})")
+        raise StoreError(
+            f"{path}: SQLite could not switch to WAL mode (journal_mode is {mode!r}); "
+            "the file system must support shared memory (no NFS)"
+        )
     db.execute("PRAGMA synchronous = FULL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:

@@ -153,8 +153,8 @@ class Telemetry:
             self._site_latched = latched
         cleared = self._site_active & ~active
         for bit in _bits(cleared):
-            for fault_id_box in self._open.get(("site", bit), []):
-                self.submit(self._clear, fault_id_box, t)
+            for box in self._open.get(("site", bit), []):
+                self.submit(self._clear, box, t)
         self._site_active = active
 
     def _edges(self, source: str, old: int, new: int, t: float, *, clear_too: bool) -> None:
