@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             statistics.median(run.points_per_s for run in runs),
             statistics.median(run.cpu_s_per_10k for run in runs),
         )
+    for name, (points_per_s, cpu_s_per_10k) in medians.items():
+        print(f"{name + ' med':10} {points_per_s:10.0f} {cpu_s_per_10k:14.4f}")
     engine, plain = medians["engine"], medians["pymodbus"]
     print(
         f"median engine/pymodbus: points/s x{engine[0] / plain[0]:.2f}, "

@@ -397,7 +397,10 @@ class ModbusLink:
             self.counters.connect_attempts += 1
             try:
                 await self._connect()
-            except (OSError, asyncio.TimeoutError, ValueError) as err:
+            except Exception as err:
+                # OSError and timeouts are the usual failures. Anything else
+                # (a pyserial URL it cannot parse, say) is retried as well, so
+                # the link never stops trying and the error shows in the log.
                 self.last_error = err
                 if down_since_mono_s is None:
                     down_since_mono_s = time.monotonic()
