@@ -186,6 +186,18 @@ async def test_missing_device_is_down_with_hint(tmp_path):
         await rtu.close()
 
 
+async def test_invalid_url_keeps_retrying():
+    rtu = ModbusLink.rtu("nosuchscheme://device", backoff=Backoff(0.01, 0.02))
+    await rtu.start()
+    try:
+        with pytest.raises(ModbusConnectError, match="nosuchscheme"):
+            await rtu.wait_connected(0.2)
+        assert rtu.counters.connect_attempts >= 2
+        assert rtu.state is LinkState.DOWN
+    finally:
+        await rtu.close()
+
+
 def test_silence_from_baud():
     assert ModbusLink.rtu("/dev/null", 9600).silence_s == pytest.approx(3.5 * 10 / 9600)
     assert ModbusLink.rtu("/dev/null", 9600, "E").silence_s == pytest.approx(3.5 * 11 / 9600)
