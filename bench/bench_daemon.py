@@ -1,9 +1,9 @@
 """Daemon figures: time to READY=1, resident memory in steady state, memory growth over a soak.
 
-It starts the same small plant as the daemon tests (``tests/daemon_rig.py``:
-a meter and a PCS as Modbus TCP simulators on 127.0.0.1, a BMS as slcan
-lines on a pseudo-terminal), runs ``bessgw run`` as a child process with a
-``NOTIFY_SOCKET`` it reads, and measures:
+It starts the same small plant as the daemon tests (``tests/daemon_rig.py``):
+a meter and a PCS as Modbus TCP simulators on 127.0.0.1 and a BMS as slcan
+lines on a pseudo-terminal. It runs ``bessgw run`` as a child process with a
+``NOTIFY_SOCKET`` that it reads, and measures:
 
 * READY time: from spawning the process to the ``READY=1`` message, for a
   site with the BMS and for the same site without it. python-can's slcan

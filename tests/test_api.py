@@ -172,7 +172,7 @@ async def test_api_stale_socket_replaced(tmp_path):
     path = tmp_path / "api.sock"
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(path))
-    leftover.close()  # the file stays, nobody listens: a crashed daemon's socket
+    leftover.close()  # the file stays with no listener, like a crashed daemon's socket
     srv = ApiServer(path, HANDLERS)
     await srv.start()
     try:
@@ -224,7 +224,7 @@ def test_cli_run_bad_config(tmp_path, capsys):
 
 
 async def test_cli_commands_roundtrip(server, capsys):
-    """The operator commands send the right requests and print the answers."""
+    """The operator commands send the right requests and print the results."""
     calls = []
 
     async def record(name):

@@ -126,7 +126,7 @@ async def test_daemon_notify_watchdog(tmp_path):
         t_stall = time.monotonic() - rig._started_mono_s
         await _watch(rig, STALL_MS / 1000 + 3.0)
 
-        # One supervision cycle (0.1 s) may still ping before it sees the stall.
+        # One supervision cycle (0.1 s) may still ping before it detects the stall.
         quiet_from, quiet_to = t_stall + 0.3, t_stall + STALL_MS / 1000 - 0.3
         during = [t for t, m in rig.notify_log if m == "WATCHDOG=1" and quiet_from < t < quiet_to]
         assert during == []

@@ -162,8 +162,8 @@ def test_retention_by_age(tmp_path):
             [Aggregate(int(now) - 7200, "g", 1, 1, 1, 1), Aggregate(int(now) - 10, "g", 1, 1, 1, 1)]
         )
         result = store.enforce_retention(now_utc=now)
-        # The old event, plus the raised and cleared events of the old fault;
-        # the event of the still-active fault is old too and goes with them.
+        # Four old events go: the plain one, the raised and cleared events of
+        # the finished fault, and the raised event of the active fault.
         assert result.events == 4
         assert result.faults == 1
         assert result.aggregates == 1
@@ -255,7 +255,7 @@ def _ticks(start: int, count: int) -> np.ndarray:
 
 
 def test_recorder_pre_and_post():
-    """A capture holds the last pre_ticks before the trigger and post_ticks + 1 from it."""
+    """A capture contains the last pre_ticks before the trigger and post_ticks + 1 from it."""
     rec = DisturbanceRecorder(TICK, pre_ticks=100, post_ticks=20)
     for start in range(0, 1000, 37):
         assert rec.feed(_ticks(start, 37)) == []
@@ -352,7 +352,7 @@ def test_comtrade_bad_input(tmp_path):
 
 
 def test_store_readable_while_writing(tmp_path):
-    """WAL lets a second connection read while the store holds its own connection open."""
+    """WAL lets a second connection read while the store keeps its own connection open."""
     with Store(tmp_path) as store:
         store.add_event("a", "first")
         reader = sqlite3.connect(tmp_path / "bessgw.sqlite3")
