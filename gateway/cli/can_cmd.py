@@ -178,11 +178,13 @@ def run_dump(args: argparse.Namespace) -> int:
     link = CanLink(args.interface, args.channel, args.bitrate, slcan_open_delay_s=args.open_delay)
     frames: queue.SimpleQueue[tuple[can.Message, float]] = queue.SimpleQueue()
     reader = CanReader(link, lambda message, t: frames.put((message, t)))
+    logger = _open_logger(args.log)
     try:
         reader.open()
     except CanOpenError as err:
+        if logger is not None:
+            logger.stop()
         raise CliError(str(err), EXIT_IO) from err
-    logger = _open_logger(args.log)
 
     printed = 0
     start = time.monotonic()
