@@ -67,7 +67,7 @@ class PcsFaultError(PcsError):
 
 @dataclass(frozen=True)
 class PcsStatus:
-    """One read of a PCS, plus what the gateway knows about its own writes.
+    """One read of a PCS, plus what the driver recorded about its own writes.
 
     Power values use the gateway's sign: positive discharges the battery.
     """
@@ -132,12 +132,16 @@ class PcsDriver:
         self.link = link
         self.unit_id = unit_id
         self.map = PcsMap.from_profile(profile)
+
         self.rated_kw = rated_kw
         self.revert_s = revert_s
         self.timeout_s = timeout_s
         self._clock = clock
+
         interval_s = self.map.min_write_interval_s or min_write_interval_s
         tolerance_kw = self.map.readback_tolerance_kw or _DEFAULT_TOLERANCE_FRACTION * rated_kw
+        # NOTE: reactive power is limited to rated_kw (in kvar), because the
+        # configuration has no kVA or kvar rating; a smaller Q limit needs one.
         self.policy = SetpointPolicy(
             PolicySettings(
                 rated_kw=rated_kw,
@@ -149,6 +153,7 @@ class PcsDriver:
                 rated_kvar=rated_kw if self.map.reactive_setpoint is not None else None,
             )
         )
+
         points = self.map.points()
         names = {p.name for p in points}
         scale_factors = [
@@ -167,12 +172,14 @@ class PcsDriver:
             timeout_s=timeout_s,
             rejected_block_retry_s=0.0,
         )
+
         self._setpoint_blocks = {
             "p": self._plan_block(self.map.setpoint),
             "q": self._plan_block(self.map.reactive_setpoint),
         }
         #: Multiplier (10**sf or scale) per setpoint, from the last read of its block.
         self._multipliers: dict[str, float] = {}
+
         #: Nameplate power read at start; the base of a percent setpoint.
         self.nameplate_kw: float | None = None
         self.revert_timer_programmed = False
@@ -223,14 +230,14 @@ class PcsDriver:
     async def start(self) -> None:
         """Read the PCS, check its nameplate, and program and verify its reversion timer.
 
-        Raises PcsStartError when the PCS does not answer or the timer write
+        Raises PcsStartError when the PCS does not respond or the timer write
         fails within the write budget (the fault is then latched), and
         PcsConfigError when ``rated_kw`` is above the PCS's nameplate.
         """
         readings = await self.device.poll_once()
         if self.device.state is not DeviceState.ONLINE:
             raise PcsStartError(
-                f"{self.where}: no answer at start: {self.device.last_error}; check that the PCS "
+                f"{self.where}: no response at start: {self.device.last_error}; check that the PCS "
                 "is powered, its host, port and unit id in the configuration, and the network"
             ) from self.device.last_error
         self._check_nameplate(readings)
@@ -335,8 +342,9 @@ class PcsDriver:
     async def enable(self) -> None:
         """Command 0 kW, then turn on the setpoint enable and the run command, each verified.
 
-        Raises PcsFaultError when the fault is latched or latches here; the
-        PCS is then commanded to 0 kW and disabled as far as the link allows.
+        Raises PcsFaultError when the fault is latched already or latches
+        here. In the second case the PCS is first commanded to 0 kW and
+        disabled as far as the link allows.
         """
         self._require_started()
         self._require_not_faulted()
@@ -382,7 +390,7 @@ class PcsDriver:
         return ok
 
     async def step(self, p_kw: float, q_kvar: float | None = None) -> Decision:
-        """Run one writer cycle: write what the policy says is due, read back, keep the heartbeat.
+        """Run one writer cycle: perform the writes the policy decides are due, and read them back.
 
         ``p_kw`` is clamped to ``rated_kw``. Device errors do not raise: they
         count against the write budget, and a latched fault brings the PCS
@@ -509,8 +517,9 @@ class PcsDriver:
         if target not in self._multipliers:
             point, _, _ = self._setpoint_point(target)
             raise PcsStartError(
-                f"{self.where}: the scale factor {point.scale_factor!r} of {point.name!r} holds "
-                "no valid value, so no setpoint can be written; check the PCS's SunSpec map"
+                f"{self.where}: the scale factor {point.scale_factor!r} of {point.name!r} is "
+                "invalid or not implemented, so no setpoint can be written; check the PCS's "
+                "SunSpec map"
             )
 
     def _encode_setpoint(self, target: str, value_kw: float) -> tuple[list[int], float]:
@@ -584,9 +593,8 @@ class PcsDriver:
         except ModbusError as err:
             return self.policy.record_setpoint(target, now_s, applied_kw, None, str(err))
         if readback is None:
-            return self.policy.record_setpoint(
-                target, now_s, applied_kw, None, "the setpoint read back holds no valid value"
-            )
+            detail = "the setpoint read back is invalid or not implemented"
+            return self.policy.record_setpoint(target, now_s, applied_kw, None, detail)
         return self.policy.record_setpoint(target, now_s, applied_kw, readback)
 
     async def _write_heartbeat(self, now_s: float, value: int) -> None:

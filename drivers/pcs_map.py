@@ -55,7 +55,7 @@ class PcsError(Exception):
 class PcsConfigError(PcsError, ValueError):
     """The profile's ``[pcs]`` table or the PCS's settings cannot drive this PCS.
 
-    ``problems`` holds one line per error.
+    ``problems`` contains one line per error.
     """
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -2,8 +2,8 @@
 
 :class:`SetpointPolicy` holds no I/O and reads no clock: every call takes a
 monotonic ``now_s``, so a test can drive it cycle by cycle. The PCS driver in
-:mod:`drivers.pcs` asks it what to write in each cycle, performs the writes
-and read-backs, and reports each result back.
+:mod:`drivers.pcs` calls :meth:`SetpointPolicy.decide` in each cycle, performs
+the writes and read-backs, and records each result in the policy.
 
 A cycle looks like this::
 
@@ -105,7 +105,7 @@ class PolicySettings:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to write in this cycle; ``None`` means no write."""
+    """Writes due in one cycle; ``None`` means no write."""
 
     p_kw: float | None = None
     q_kvar: float | None = None
@@ -164,10 +164,6 @@ class SetpointPolicy:
     def last_ok_s(self, target: str) -> float | None:
         return self._state(target).last_ok_s
 
-    def clamp_p_kw(self, p_kw: float) -> float:
-        """Clamp an active-power request to +-rated_kw; a NaN or infinite request becomes 0 kW."""
-        return _clamp(p_kw, self.settings.rated_kw)
-
     def decide(self, now_s: float, p_kw: float, q_kvar: float | None = None) -> Decision:
         """Return the writes due at ``now_s`` for the requested setpoints.
 
@@ -202,7 +198,7 @@ class SetpointPolicy:
         """Record a setpoint write and its read-back; return whether it was verified.
 
         ``readback`` is ``None`` when the write or the read-back failed, and
-        ``error`` then says why; it becomes the fault's detail.
+        ``error`` then gives the reason, which becomes the fault's detail.
         """
         if target not in SETPOINT_TARGETS:
             raise ValueError(
@@ -252,11 +248,6 @@ class SetpointPolicy:
         if ok:
             self._heartbeat_value = value
         self.record_result("heartbeat", now_s, ok, detail)
-
-    def latch(self, target: str, now_s: float, detail: str) -> None:
-        """Latch a fault found outside the write path, such as a wrong revert-timer read-back."""
-        if self._fault is None:
-            self._fault = Fault(target, now_s, detail)
 
     def reset(self) -> None:
         """Clear the fault and every target's history, so the next cycle rewrites every setpoint.

@@ -1,20 +1,16 @@
 """PcsDriver against the pcs-sunspec profile served by RegisterServer on 127.0.0.1.
 
-A small PCS model behind the server (:class:`SimulatedPcs`) makes the
-measured power ``W`` follow the setpoint ``WSet`` while ``Conn`` and
-``WSet_Ena`` are 1, and drops it to 0 W when ``WSet`` is not written for
-``WSet_RvrtTms`` seconds. Tests that count writes drive the driver with a
-:class:`FakeClock`, so the rate limit and the heartbeat period do not depend
-on how fast this machine runs.
+The PCS model of :mod:`tests.pcs_sim` runs behind the server. Tests that
+count writes drive the driver with a :class:`FakeClock`, so the rate limit
+and the heartbeat period do not depend on how fast this machine runs.
 
-``WSet`` is an i16 in W with scale factor ``WSet_SF`` = 2, so it holds whole
+``WSet`` is an i16 in W with scale factor ``WSet_SF`` = 2, so it stores whole
 multiples of 100 W: 42.04 kW is written as raw 420 and reads back as 42.0 kW.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
@@ -22,14 +18,13 @@ import structlog
 from pymodbus.constants import ExcCodes
 
 from drivers.modbus.link import Backoff, ModbusLink
-from drivers.modbus.profile import load_profile, parse_profile
-from drivers.modbus.server import RegisterServer, RegisterWrite
+from drivers.modbus.profile import parse_profile
 from drivers.pcs import PcsConfigError, PcsDriver, PcsGroup, PcsMap, PcsStartError
 from drivers.quality import Quality
+from tests.pcs_sim import PROFILE, pcs_server
 
 pytestmark = pytest.mark.timeout(30)
 
-PROFILE = load_profile("pcs-sunspec")
 WSET_ADDRESS = PROFILE.point("WSet").address
 
 
@@ -39,72 +34,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-class SimulatedPcs:
-    """PCS behaviour behind the register server, updated every 20 ms by :meth:`run`."""
-
-    def __init__(self, server: RegisterServer) -> None:
-        self.server = server
-        #: Every write: (monotonic time, point names, registers).
-        self.writes: list[tuple[float, tuple[str, ...], tuple[int, ...]]] = []
-        self.last_setpoint_write_s: float | None = None
-        self.reverted = False
-        #: When set, the PCS holds WSet at no more than this many W (a derated unit).
-        self.clamp_w: float | None = None
-        #: Point name -> exception code the PCS answers to a write of that point.
-        self.reject: dict[str, ExcCodes] = {}
-
-    def on_write(self, write: RegisterWrite) -> ExcCodes | None:
-        now_s = time.monotonic()
-        for name in write.point_names:
-            if name in self.reject:
-                return self.reject[name]
-        self.writes.append((now_s, write.point_names, write.words))
-        if "WSet" in write.point_names:
-            self.last_setpoint_write_s = now_s
-            self.reverted = False
-            value = self.server.get_point("WSet")
-            if self.clamp_w is not None and value is not None and value > self.clamp_w:
-                self.server.set_point("WSet", self.clamp_w)
-        return None
-
-    def words_written(self, name: str) -> list[tuple[int, ...]]:
-        return [words for _, names, words in self.writes if name in names]
-
-    def update(self) -> None:
-        revert_s = self.server.get_point("WSet_RvrtTms")
-        last_s = self.last_setpoint_write_s
-        if revert_s and last_s is not None and time.monotonic() - last_s > revert_s:
-            self.reverted = True
-        enabled = self.server.get_point("Conn") == 1 and self.server.get_point("WSet_Ena") == 1
-        setpoint_w = self.server.get_point("WSet") or 0
-        self.server.set_point("W", setpoint_w if enabled and not self.reverted else 0)
-
-    async def run(self) -> None:
-        while True:
-            self.update()
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def pcs_server(unit_id: int = 1, profile=PROFILE):
-    """Serve ``profile`` on 127.0.0.1; the power model runs only for pcs-sunspec."""
-    server = RegisterServer(profile, unit_id=unit_id)
-    model = SimulatedPcs(server)
-    server.on_write = model.on_write
-    port = await server.start_tcp("127.0.0.1", 0)
-    task = None
-    if profile is PROFILE:
-        task = asyncio.get_running_loop().create_task(model.run())
-    try:
-        yield server, model, port
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await server.stop()
 
 
 @pytest.fixture
@@ -198,7 +127,7 @@ async def test_start_fails_when_silent(sim, links):
         await driver.start()
     message = str(info.value)
     assert f"tcp 127.0.0.1:{port} unit 1" in message
-    assert "no answer at start" in message
+    assert "no response at start" in message
     assert not driver.started
 
 
@@ -289,7 +218,7 @@ async def test_readback_mismatch_latches_fault(sim, links):
     server, model, port = sim
     driver, clock = await started_driver(links, port)
     await driver.enable()
-    model.clamp_w = 30000.0  # the PCS accepts the write but holds WSet at 30 kW
+    model.clamp_w = 30000.0  # the PCS accepts the write but limits WSet to 30 kW
     start_s = clock.now_s
     with structlog.testing.capture_logs() as logs:
         for cycle in range(1, 6):
@@ -312,6 +241,18 @@ async def test_readback_mismatch_latches_fault(sim, links):
     status = await driver.read_status()
     assert status.fault == fault
     assert status.enabled is False
+
+    # Operator reset after the cause is gone: programmed again, then usable.
+    model.clamp_w = None
+    with structlog.testing.capture_logs() as logs:
+        await driver.reset()
+    assert driver.fault is None
+    assert driver.revert_timer_programmed
+    assert [entry["event"] for entry in logs].count("pcs fault cleared") == 1
+    await driver.enable()
+    clock.now_s += 0.05
+    await driver.step(50.0)
+    assert server.get_point("WSet") == 50000
 
 
 async def test_exception_on_write_latches_fault(sim, links):
@@ -437,10 +378,12 @@ PERCENT_PROFILE = parse_profile(
                 "max": 100.0,
             },
             {"name": "run", "address": 11, "type": "u16", "writable": True},
+            {"name": "q_set_var", "address": 12, "type": "i32", "unit": "var", "writable": True},
             {"name": "p_w", "address": 20, "type": "i32", "unit": "W"},
         ],
         "pcs": {
             "setpoint_point": "p_set_pct",
+            "reactive_setpoint_point": "q_set_var",
             # This PCS counts charging as positive.
             "setpoint_sign": -1,
             "enable_point": "run",
@@ -464,6 +407,11 @@ async def test_percent_setpoint_sign_and_scale(links):
         # 50 kW discharge of 200 kW = 25 %, charge-positive: -25.0 %, raw -250 at 0.1 %.
         assert server.get_registers("holding", 10, 1) == [(-250) & 0xFFFF]
         assert driver.policy.verified("p") == 50.0
+        clock.now_s += 0.05
+        decision = await driver.step(50.0, q_kvar=-20.5)
+        assert decision.p_kw is None  # unchanged
+        assert server.get_point("q_set_var") == -20_500  # reactive sign is +1 by default
+        assert driver.policy.verified("q") == -20.5
         server.set_point("p_w", -49_000)
         status = await driver.read_status()
         assert status.p_kw.value == 49.0

@@ -14,9 +14,9 @@ import pytest
 
 from drivers.pcs_policy import Decision, PolicySettings, SetpointPolicy
 
-# rated 100 kW, deadband 1 kW, at most one attempt per 0.2 s per target,
-# read-back must match within 0.5 kW, 3 failures in a row latch the fault,
-# an unchanged setpoint is rewritten 1 s after its last verified write.
+# Rated 100 kW, deadband 1 kW, at most one attempt per 0.2 s per target.
+# The read-back must match within 0.5 kW, and 3 failures in a row latch the
+# fault. An unchanged setpoint is rewritten 1 s after its last verified write.
 SETTINGS = PolicySettings(
     rated_kw=100.0,
     deadband_kw=1.0,
@@ -68,7 +68,7 @@ def test_policy_readback_mismatch_latches():
     policy = SetpointPolicy(SETTINGS)
     rows = [
         (0.0, 50.0, 50.0, 0.0),    # read back 0 kW: |50 - 0| > 0.5, failure 1 of 3
-        (0.1, 50.0, None, None),   # a retry is due but the rate limit holds it
+        (0.1, 50.0, None, None),   # a retry is due but the rate limit delays it
         (0.2, 50.0, 50.0, None),   # retry; the read-back failed: failure 2
         (0.4, 50.0, 50.0, 40.0),   # retry; |50 - 40| > 0.5: failure 3 latches the fault
         (0.6, 50.0, None, None),   # faulted: nothing is written

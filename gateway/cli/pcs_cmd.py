@@ -1,0 +1,416 @@
+"""``bessgw pcs status`` and ``bessgw pcs set``: read a PCS, and run a commissioning step test.
+
+``pcs set NAME --kw P --for SECONDS --yes`` programs the PCS's reversion
+timer, enables it, ramps the setpoint from 0 to P kW, holds P for SECONDS,
+ramps back to 0 and disables the PCS. Each second it prints the setpoint
+and the measured power that the PCS reports. Powers follow the gateway's
+sign: positive discharges the battery, negative charges it.
+
+The ramp rate defaults to ``control.ramp_limit_kw_per_s`` and may not exceed
+``control.unit_slew_kw_per_s``. Ctrl-C (SIGINT) or SIGTERM ends the test
+early: the setpoint ramps to 0 at the faster of the test's rate and
+``safety.safe_ramp_kw_per_s`` (at most the unit slew), then the PCS is
+disabled. A second Ctrl-C commands 0 kW at once. If the gateway itself dies,
+the reversion timer brings the PCS to 0 kW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from drivers.modbus.errors import ModbusError
+from drivers.modbus.link import ModbusLink
+from drivers.pcs import (
+    PcsConfigError,
+    PcsDriver,
+    PcsError,
+    PcsFaultError,
+    PcsStartError,
+    PcsStatus,
+)
+from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
+from gateway.cli.device_cmd import find_device
+from gateway.config import DEFAULT_CONFIG_PATH, Device, SiteConfig, load_config
+from gateway.logs import configure_logging
+
+EXIT_INTERRUPTED = 130
+#: Seconds between two printed lines of the step test.
+PRINT_PERIOD_S = 1.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pcs = subparsers.add_parser("pcs", help="read a PCS or run a commissioning step test")
+    actions = pcs.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    status = actions.add_parser(
+        "status",
+        help="read PCS NAME once: power, setpoint, enable, state, events, reversion timer",
+    )
+    _add_common(status)
+    status.set_defaults(func=run_status)
+
+    step = actions.add_parser(
+        "set",
+        help="step test: ramp PCS NAME to --kw, hold for --for seconds, ramp back to 0",
+    )
+    _add_common(step)
+    step.add_argument(
+        "--kw",
+        type=float,
+        required=True,
+        metavar="P",
+        help="active power to hold, kW; positive discharges, negative charges",
+    )
+    step.add_argument(
+        "--for",
+        dest="hold_s",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="how long to hold P, in seconds",
+    )
+    step.add_argument(
+        "--ramp-kw-per-s",
+        type=float,
+        metavar="R",
+        help="ramp rate to and from P, kW/s (default: control.ramp_limit_kw_per_s)",
+    )
+    step.add_argument(
+        "--yes", action="store_true", help="confirm that the PCS may really be commanded"
+    )
+    step.set_defaults(func=run_set)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="PCS device name from the site configuration")
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG_PATH),
+        metavar="FILE",
+        help=f"site configuration (default {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def load_pcs(config_path: str, name: str) -> tuple[SiteConfig, Device]:
+    """Return the site configuration and its PCS device ``name``; CliError otherwise."""
+    device, _ = find_device(config_path, name)
+    if device.role != "pcs":
+        raise CliError(
+            f"device {name!r} in {config_path} has role {device.role!r}, not 'pcs'; "
+            "give the name of a PCS",
+            EXIT_USAGE,
+        )
+    return load_config(config_path), device
+
+
+@contextlib.asynccontextmanager
+async def connected_driver(config: SiteConfig, device: Device):
+    """Yield a PcsDriver on a connected link; close the link on exit."""
+    timeout_s = device.timeout_ms / 1000
+    link = ModbusLink.from_transport(device.transport, timeout_s=timeout_s)
+    try:
+        driver = PcsDriver.from_config(device, config, link)
+    except (PcsConfigError, ValueError) as err:
+        raise CliError(f"PCS {device.name!r}: {err}", EXIT_USAGE) from err
+    await link.start()
+    try:
+        try:
+            await link.wait_connected(max(3.0, timeout_s))
+        except ModbusError as err:
+            raise CliError(
+                f"{driver.where}: cannot connect: {err}. Check that the PCS is powered and "
+                "reachable, and its host, port and unit_id in the configuration",
+                EXIT_IO,
+            ) from err
+        yield driver
+    finally:
+        await link.close()
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def run_status(args: argparse.Namespace) -> int:
+    configure_logging("warning", "console", stream=sys.stderr)
+    config, device = load_pcs(args.config, args.name)
+
+    async def session() -> PcsStatus:
+        async with connected_driver(config, device) as driver:
+            return await driver.read_status()
+
+    status = asyncio.run(session())
+    print(format_status(status, device.profile))
+    if status.device_state != "online":
+        raise CliError(
+            f"PCS {status.name!r} ({status.link} unit {status.unit_id}) is "
+            f"{status.device_state.replace('_', ' ')}; check its power, unit id and wiring",
+            EXIT_IO,
+        )
+    return EXIT_OK
+
+
+def format_status(status: PcsStatus, profile_name: str) -> str:
+    """Render a status as aligned ``label  value`` lines."""
+    enabled = {True: "yes", False: "no", None: "unknown"}[status.enabled]
+    if status.revert_timer_s is None:
+        timer = "none or unreadable"
+    elif status.revert_timer_s == 0:
+        timer = "0 s (off: the PCS does not fall back to 0 kW by itself)"
+    else:
+        timer = f"{status.revert_timer_s:g} s"
+    state = status.state_name
+    if status.state_code is not None:
+        state += f" ({status.state_code})" + (", a fault state" if status.state_fault else "")
+    rows = [
+        ("active power", _kw(status.p_kw)),
+        ("setpoint", _kw(status.setpoint_kw)),
+        ("enabled", enabled),
+        ("state", state),
+        ("events", ", ".join(status.events) or "none"),
+        ("revert timer", timer),
+        ("heartbeat", "-" if status.heartbeat is None else str(status.heartbeat)),
+    ]
+    if status.fault is not None:
+        rows.append(("gateway fault", f"{status.fault.target}: {status.fault.detail}"))
+    lines = [
+        f"{status.name} ({profile_name}, {status.link} unit {status.unit_id}): "
+        f"{status.device_state.replace('_', ' ')}"
+    ]
+    lines += [f"  {label:<14} {value}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def _kw(reading) -> str:
+    if reading.good:
+        return f"{reading.value:.1f} kW"
+    return f"- ({reading.quality.name})"
+
+
+# ----------------------------------------------------------------------------- step test
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A checked step test: powers in kW, rates in kW/s, times in seconds."""
+
+    p_kw: float
+    hold_s: float
+    ramp_kw_per_s: float
+    #: Ramp back to 0 after an interrupt.
+    abort_ramp_kw_per_s: float
+
+
+def plan_step(args: argparse.Namespace, config: SiteConfig, device: Device) -> StepPlan:
+    """Check the requested test against the PCS rating and the configuration."""
+    rated_kw = device.rated_kw or 0.0
+    if not math.isfinite(args.kw) or abs(args.kw) > rated_kw:
+        raise CliError(
+            f"--kw {args.kw:g} is outside the rating of {device.name!r}: rated_kw = "
+            f"{rated_kw:g} in {args.config} allows -{rated_kw:g} to {rated_kw:g} kW",
+            EXIT_USAGE,
+        )
+    if not (math.isfinite(args.hold_s) and args.hold_s > 0):
+        raise CliError(
+            f"--for {args.hold_s:g} is invalid: give the hold time in seconds > 0", EXIT_USAGE
+        )
+    slew = config.control.unit_slew_kw_per_s
+    ramp = args.ramp_kw_per_s
+    if ramp is None:
+        ramp = min(config.control.ramp_limit_kw_per_s, slew)
+    if not (math.isfinite(ramp) and 0 < ramp <= slew):
+        raise CliError(
+            f"--ramp-kw-per-s {ramp:g} is invalid: give a rate above 0 and at most "
+            f"control.unit_slew_kw_per_s = {slew:g} kW/s",
+            EXIT_USAGE,
+        )
+    abort_ramp = min(max(ramp, config.safety.safe_ramp_kw_per_s), slew)
+    return StepPlan(args.kw, args.hold_s, ramp, abort_ramp)
+
+
+class _Interrupts:
+    """Counts SIGINT and SIGTERM while the step test runs, instead of raising."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def signal(self) -> None:
+        self.count += 1
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for number in signals:
+            loop.add_signal_handler(number, self.signal)
+        try:
+            yield
+        finally:
+            for number in signals:
+                loop.remove_signal_handler(number)
+
+
+class StepTest:
+    """The ramp, hold and ramp-back phases, with a printed line each second."""
+
+    def __init__(self, driver: PcsDriver, plan: StepPlan, interrupts: _Interrupts) -> None:
+        self.driver = driver
+        self.plan = plan
+        self.interrupts = interrupts
+        self.target_kw = 0.0
+        self.cycle_s = driver.policy.settings.min_write_interval_s
+        self.started_s = time.monotonic()
+        self.next_print_s = self.started_s
+
+    async def run(self) -> bool:
+        """Run every phase; return False when an interrupt cut the test short."""
+        print("  time_s  phase       target_kw  setpoint_kw  power_kw", flush=True)
+        await self.ramp("ramp up", self.plan.p_kw, self.plan.ramp_kw_per_s)
+        if not self.interrupted:
+            await self.hold()
+        if self.interrupted:
+            print("interrupted: ramping to 0 kW", flush=True)
+            await self.ramp("abort", 0.0, self.plan.abort_ramp_kw_per_s)
+            await self.print_line("end")
+            return False
+        await self.ramp("ramp down", 0.0, self.plan.ramp_kw_per_s)
+        await self.print_line("end")
+        return not self.interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupts.count > 0
+
+    async def ramp(self, phase: str, end_kw: float, rate_kw_per_s: float) -> None:
+        """Move the setpoint to ``end_kw`` at ``rate_kw_per_s``.
+
+        A ramp towards a non-zero power stops at the first interrupt. A ramp
+        to 0 continues through the first interrupt and jumps to 0 at the second.
+        """
+        to_zero = end_kw == 0.0
+        last_s = time.monotonic()
+        while True:
+            if self.interrupts.count >= (2 if to_zero else 1):
+                if to_zero:
+                    await self._command_zero_now()
+                return
+            now_s = time.monotonic()
+            max_step_kw = rate_kw_per_s * (now_s - last_s)
+            last_s = now_s
+            self.target_kw += max(-max_step_kw, min(max_step_kw, end_kw - self.target_kw))
+            await self.cycle(phase)
+            if self.target_kw == end_kw and self._verified(end_kw):
+                return
+
+    async def hold(self) -> None:
+        end_s = time.monotonic() + self.plan.hold_s
+        while time.monotonic() < end_s and not self.interrupted:
+            await self.cycle("hold")
+
+    async def cycle(self, phase: str) -> None:
+        started_s = time.monotonic()
+        await self.driver.step(self.target_kw)
+        self._check_fault()
+        if started_s >= self.next_print_s:
+            self.next_print_s += PRINT_PERIOD_S
+            await self.print_line(phase)
+        await asyncio.sleep(max(0.0, self.cycle_s - (time.monotonic() - started_s)))
+
+    async def print_line(self, phase: str) -> None:
+        status = await self.driver.read_status()
+        print(
+            f"  {time.monotonic() - self.started_s:6.1f}  {phase:<10}  {self.target_kw:9.1f}  "
+            f"{_number(status.setpoint_kw):>11}  {_number(status.p_kw):>8}",
+            flush=True,
+        )
+
+    def _verified(self, end_kw: float) -> bool:
+        verified = self.driver.policy.verified("p")
+        deadband_kw = self.driver.policy.settings.deadband_kw
+        if end_kw == 0.0:
+            return verified == 0.0
+        return verified is not None and abs(verified - end_kw) <= deadband_kw
+
+    async def _command_zero_now(self) -> None:
+        """Write 0 kW at once, as often as the write rate allows, until it reads back."""
+        print("second interrupt: commanding 0 kW now", flush=True)
+        self.target_kw = 0.0
+        for _ in range(self.driver.policy.settings.write_budget + 1):
+            await self.driver.step(0.0)
+            self._check_fault()
+            if self._verified(0.0):
+                return
+            await asyncio.sleep(self.cycle_s)
+
+    def _check_fault(self) -> None:
+        fault = self.driver.fault
+        if fault is not None:
+            raise CliError(
+                f"{self.driver.where}: fault latched during the step test ({fault.target}: "
+                f"{fault.detail}). The PCS was commanded to 0 kW and disabled as far as the "
+                "link allows. Check the PCS's own fault log, its local/remote switch and the "
+                "[pcs] points of its profile",
+                EXIT_IO,
+            )
+
+
+def _number(reading) -> str:
+    return f"{reading.value:.1f}" if reading.good else "-"
+
+
+def run_set(args: argparse.Namespace) -> int:
+    configure_logging("info", "console", stream=sys.stderr)
+    config, device = load_pcs(args.config, args.name)
+    plan = plan_step(args, config, device)
+    if not args.yes:
+        raise CliError(
+            f"not commanding {device.name!r} without --yes. The test would ramp it to "
+            f"{plan.p_kw:g} kW at {plan.ramp_kw_per_s:g} kW/s, hold for {plan.hold_s:g} s and "
+            "ramp back to 0; add --yes to run it",
+            EXIT_USAGE,
+        )
+
+    async def session() -> bool:
+        async with connected_driver(config, device) as driver:
+            interrupts = _Interrupts()
+            with interrupts.installed():
+                try:
+                    await driver.start()
+                    print(
+                        f"{driver.where}: reversion timer {driver.programmed_revert_s} s, "
+                        f"step to {plan.p_kw:g} kW for {plan.hold_s:g} s",
+                        flush=True,
+                    )
+                    await driver.enable()
+                    completed = await StepTest(driver, plan, interrupts).run()
+                except (PcsStartError, PcsFaultError) as err:
+                    raise CliError(str(err), EXIT_IO) from err
+                except PcsConfigError as err:
+                    raise CliError(str(err), EXIT_USAGE) from err
+                finally:
+                    # After a fault the driver has already commanded 0 kW and disabled.
+                    if driver.started and driver.fault is None:
+                        await _disable(driver)
+            print("done: 0 kW, PCS disabled" if completed else "stopped: 0 kW, PCS disabled")
+            return completed
+
+    try:
+        completed = asyncio.run(session())
+    except PcsError as err:
+        raise CliError(str(err), EXIT_IO) from err
+    return EXIT_OK if completed else EXIT_INTERRUPTED
+
+
+async def _disable(driver: PcsDriver) -> None:
+    if not await driver.disable():
+        print(
+            f"warning: {driver.where}: disabling was not verified; check the PCS locally",
+            file=sys.stderr,
+        )
