@@ -152,7 +152,7 @@ class Control(_Strict):
     rt_priority: int = Field(default=80, ge=0, le=99)
     #: CPU the loop thread is pinned to; None leaves it to the scheduler.
     cpu: int | None = Field(default=None, ge=0, le=1023)
-    #: mlockall() the daemon so the loop never waits for a page fault.
+    #: mlockall() the daemon so that the loop does not wait for page faults.
     lock_memory: bool = True
     #: The loop sleeps until this long before each deadline, then spins.
     spin_us: int = Field(default=100, ge=0, le=5000)

@@ -42,7 +42,7 @@ static inline void fl_seqlock_write(fl_seqlock *lock, const void *src, size_t n_
 }
 
 /* Copy a consistent snapshot into dst. Returns the sequence read, or 0 when
- * max_tries attempts all overlapped a write (dst then holds garbage). */
+ * max_tries attempts all overlapped a write (dst then contains garbage). */
 static inline uint64_t fl_seqlock_read(fl_seqlock *lock, void *dst, size_t n_bytes, int max_tries)
 {
     uint64_t *to = (uint64_t *)dst;

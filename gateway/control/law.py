@@ -33,11 +33,16 @@ One tick, in order:
 4. Grid target. A first-order low-pass of the load (plus recharge), clamped
    to ``[floor_kw, cap_kw]``, moved by at most ``ramp_kw_per_s * dt_s`` a tick.
    Recharge therefore only uses headroom under the cap.
+
+   NOTE: the law is purely reactive. A feed-forward of the periodic training
+   load one period ahead, gated by how periodic the recent load was, is not
+   implemented, so meter averaging and PCS dead time still let part of the
+   0.1-2 Hz swing through to the grid.
 5. Demand. The battery is asked for ``load_kw - target_kw``.
 6. Capability. Per unit, ``min(rated_kw, BMS limit in kW)`` with the BMS
-   limit ``voltage * current limit / 1000``; discharge is derated linearly
-   from 1 at ``soc_soft_min_pct`` to 0 at ``soc_hard_min_pct``, charge from 1
-   at ``soc_soft_max_pct`` to 0 at ``soc_hard_max_pct``.
+   limit ``voltage * current limit / 1000``. Discharge is derated linearly
+   from 1 at ``soc_soft_min_pct`` to 0 at ``soc_hard_min_pct``. Charge is
+   derated from 1 at ``soc_soft_max_pct`` to 0 at ``soc_hard_max_pct``.
 7. Allocation. Every unit without a reaction gets the same fraction of its
    capability; demand beyond the total capability is ``uncovered_kw``.
 8. Setpoint. Per-unit slew limit, then clamp to capability (limits win over

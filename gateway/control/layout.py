@@ -180,8 +180,8 @@ def record_dtype(n_units: int) -> np.dtype:
 def empty_inputs(n_units: int) -> tuple[np.ndarray, np.ndarray]:
     """Return a site input record and ``n_units`` unit input records, every value STALE.
 
-    Until a caller fills them, the loop sees no good reading, so every
-    interlock that depends on a measurement is active.
+    Until a caller fills them, no reading is usable, so every interlock
+    that depends on a measurement is active.
     """
     stale = 2  # drivers.quality.Quality.STALE
     site = np.zeros((), SITE_INPUT_DTYPE)

@@ -1,4 +1,4 @@
-"""The fast control loop as the daemon sees it: the C thread, or the Python fallback.
+"""The fast control loop as the daemon uses it: the C thread, or the Python fallback.
 
 :class:`FastLoop` drives the C extension ``gateway.control._fastloop``; its
 thread never takes the GIL. :class:`PythonLoop` runs :func:`law.step` on a
@@ -24,6 +24,7 @@ stale when the writer stops, without Python's help.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -175,7 +176,8 @@ class FastLoop(_LoopBase):
     """The C loop: a native thread on absolute CLOCK_MONOTONIC deadlines.
 
     Thread safety: call the methods from one Python thread, or serialise
-    them. The loop thread itself never waits for Python.
+    them. The loop thread calls no Python API and takes no lock, so it does
+    not wait for Python.
     """
 
     def __init__(
@@ -366,19 +368,17 @@ class PythonLoop(_LoopBase):
             raise RuntimeError("the loop is already running")
         self._stop_event.clear()
         self._counters["last_tick_ns"] = time.monotonic_ns()
+        self._granted_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bessgw-python-loop", daemon=True)
         self._thread.start()
-        self.granted = {
-            "sched_fifo": False,
-            "priority": 0,
-            "cpu_affinity": False,
-            "cpu": -1,
-            "mlockall": False,
-        }
+        if not self._granted_event.wait(timeout=10.0):
+            raise TimeoutError("the Python fallback loop thread did not start within 10 s")
         log.warning(
             "python_fallback_loop_started",
             rate_hz=self.params.rate_hz,
             units=self.n_units,
+            sched_fifo=self.granted["sched_fifo"],
+            cpu=self.granted["cpu"],
             note="control.allow_python_fallback is set; timing is best effort",
         )
         return self.granted
@@ -431,7 +431,32 @@ class PythonLoop(_LoopBase):
             self._ring[self._head % self._ring_capacity] = record
             self._head += 1
 
+    def _apply_realtime(self) -> None:
+        """Give this thread the scheduling the C loop would get (Linux applies it per thread)."""
+        granted: dict[str, Any] = {
+            "sched_fifo": False,
+            "priority": 0,
+            "cpu_affinity": False,
+            "cpu": -1,
+            "mlockall": False,
+        }
+        if self._priority > 0:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self._priority))
+                granted.update(sched_fifo=True, priority=self._priority)
+            except OSError as err:
+                granted["sched_error"] = err.strerror
+        if self._cpu >= 0:
+            try:
+                os.sched_setaffinity(0, {self._cpu})
+                granted.update(cpu_affinity=True, cpu=self._cpu)
+            except OSError as err:
+                granted["affinity_error"] = err.strerror
+        self.granted = granted
+        self._granted_event.set()
+
     def _run(self) -> None:
+        self._apply_realtime()
         period = self._period_ns
         lateness = np.zeros(max(1, round(self.JITTER_LOG_PERIOD_S * 1e9 / period)), np.int64)
         samples = 0
