@@ -34,10 +34,9 @@ One tick, in order:
    to ``[floor_kw, cap_kw]``, moved by at most ``ramp_kw_per_s * dt_s`` a tick.
    Recharge therefore only uses headroom under the cap.
 
-   NOTE: the law is purely reactive. A feed-forward of the periodic training
-   load one period ahead, gated by how periodic the recent load was, is not
-   implemented, so meter averaging and PCS dead time still let part of the
-   0.1-2 Hz swing through to the grid.
+   The law itself is reactive. The periodic feed-forward runs before it, on
+   the load input: :mod:`gateway.control.predictor` turns the measured load
+   into the predicted load that the caller writes as ``load_kw``.
 5. Demand. The battery is asked for ``load_kw - target_kw``.
 6. Capability. Per unit, ``min(rated_kw, BMS limit in kW)`` with the BMS
    limit ``voltage * current limit / 1000``. Discharge is derated linearly
