@@ -233,7 +233,9 @@ class PcsDriver:
         Raises PcsStartError when the PCS does not respond or the timer write
         fails within the write budget (the fault is then latched), and
         PcsConfigError when ``rated_kw`` is above the PCS's nameplate.
+        Raises PcsFaultError while a fault is latched: call :meth:`reset`.
         """
+        self._require_not_faulted()
         readings = await self.device.poll_once()
         if self.device.state is not DeviceState.ONLINE:
             raise PcsStartError(
@@ -419,6 +421,7 @@ class PcsDriver:
         self.policy.reset()
         self._safe_stopped = False
         self.revert_timer_programmed = False
+        self.started = False
         if fault is not None:
             self._log.info("pcs fault cleared", target=fault.target)
         await self.start()

@@ -19,7 +19,14 @@ from pymodbus.constants import ExcCodes
 
 from drivers.modbus.link import Backoff, ModbusLink
 from drivers.modbus.profile import parse_profile
-from drivers.pcs import PcsConfigError, PcsDriver, PcsGroup, PcsMap, PcsStartError
+from drivers.pcs import (
+    PcsConfigError,
+    PcsDriver,
+    PcsFaultError,
+    PcsGroup,
+    PcsMap,
+    PcsStartError,
+)
 from drivers.quality import Quality
 from tests.pcs_sim import PROFILE, pcs_server
 
@@ -140,6 +147,14 @@ async def test_start_revert_timer_rejected(sim, links):
     assert driver.fault is not None
     assert driver.fault.target == "revert_timer"
     assert "0x03" in driver.fault.detail
+    with pytest.raises(PcsFaultError, match="fault latched"):
+        await driver.start()  # a latched fault needs the operator reset
+    assert not driver.started
+
+    del model.reject["WSet_RvrtTms"]
+    await driver.reset()
+    assert driver.started
+    assert driver.revert_timer_programmed
 
 
 # ----------------------------------------------------------------------------- setpoints
