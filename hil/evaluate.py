@@ -136,11 +136,17 @@ def write_outputs(
     mode: str,
     extra: dict[str, Any] | None = None,
     wall_s: float = 0.0,
+    *,
+    extra_results: list[report.CriterionResult] | None = None,
 ) -> dict[str, Any]:
-    """Score the capture and write the three report files; return the ``report.json`` object."""
+    """Score the capture and write the three report files; return the ``report.json`` object.
+
+    ``extra_results`` are criteria the runner judged itself (the HIL rig's
+    daemon exit code, for one); they count toward the verdict like the rest.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     values = compute_metrics(scenario, capture)
-    results = judge_criteria(scenario, values)
+    results = judge_criteria(scenario, values) + list(extra_results or [])
     body = report.write_report_json(
         out_dir / "report.json",
         scenario.run.name,
