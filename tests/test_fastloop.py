@@ -261,6 +261,16 @@ def test_fastloop_rejects_bad_use(loops):
     kernel = extension.Kernel(2)
     with pytest.raises(RuntimeError, match="before set_params"):
         kernel.start(1_000_000)
+    site_par, unit_par = fast_params().to_structs()
+    kernel.set_params(site_par, unit_par)
+    with pytest.raises(ValueError, match="cpu is 5000"):
+        kernel.start(1_000_000, cpu=5000)
+    with pytest.raises(ValueError, match="period_ns is 50"):
+        kernel.start(50)
+    with pytest.raises(ValueError, match="spin_ns is 2000000"):
+        kernel.start(1_000_000, spin_ns=2_000_000)
+    with pytest.raises(ValueError, match="stall of -1 ns"):
+        kernel.stall(-1)
     with pytest.raises(ValueError, match="site input buffer is 8 bytes"):
         kernel.write_inputs(b"12345678", bytes(2 * layout.UNIT_INPUT_DTYPE.itemsize))
 
@@ -321,3 +331,32 @@ def test_python_loop_same_api(loops):
     record = loop.step(now + 100_000_000_000)
     assert record["active_fault_bits"] & Fault.LOAD_STALE
     assert not record["limit_bits"] & Limit.SNAPSHOT_REUSED
+
+
+def test_fastloop_runs_when_realtime_refused(loops):
+    # CPU 1000 does not exist, so pinning fails; the loop logs the refusal
+    # with the OS error and ticks on without it.
+    loop = FastLoop(site_config(cpu=1000))
+    with structlog.testing.capture_logs() as logs:
+        start(loops, loop)
+    assert loop.granted["cpu_affinity"] is False
+    assert loop.granted["affinity_error"] != ""
+    refused = [entry for entry in logs if entry["event"] == "fast_loop_realtime_refused"]
+    assert len(refused) == 1
+    assert refused[0]["refused"] == ["cpu_affinity"]
+    wait_for(lambda: loop.health().ticks >= 20, "20 ticks without CPU pinning")
+
+
+def test_python_loop_logs_jitter(loops, monkeypatch):
+    # The fallback logs its lateness once per period (a minute in service,
+    # 50 ms here), as one event with percentiles.
+    monkeypatch.setattr(PythonLoop, "JITTER_LOG_PERIOD_S", 0.05)
+    loop = PythonLoop(site_config(rate_hz=100, spin_us=0))
+    with structlog.testing.capture_logs() as logs:
+        start(loops, loop)
+        wait_for(lambda: loop.health().ticks >= 12, "12 ticks")
+        loop.stop()
+    jitter = [entry for entry in logs if entry["event"] == "python_fallback_loop_jitter"]
+    assert jitter
+    assert {"late_p50_us", "late_p99_us", "late_max_us", "missed_total"} <= set(jitter[0])
+    assert jitter[0]["ticks"] >= 1

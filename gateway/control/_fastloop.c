@@ -387,6 +387,10 @@ static PyObject *Kernel_start(KernelObject *k, PyObject *args, PyObject *kwds)
                      period_ns);
         return NULL;
     }
+    if (cpu < -1 || cpu >= CPU_SETSIZE) {
+        PyErr_Format(PyExc_ValueError, "cpu is %d; it must be -1 (no pinning) or 0 to %d", cpu, CPU_SETSIZE - 1);
+        return NULL;
+    }
     if (priority < 0 || priority > 99) {
         PyErr_Format(PyExc_ValueError, "priority is %d; it must be 0 (no SCHED_FIFO) to 99", priority);
         return NULL;
