@@ -238,17 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         f"meters={args.meters} points/meter={POINTS} seconds/run={args.seconds} "
         f"rounds={args.rounds} ({pinned}); python {sys.version.split()[0]}"
     )
-    print(f"{'client':10} {'points/s':>10} {'CPU s/10k pts':>14} {'points':>9}")
+    print(f"{'client':15} {'points/s':>10} {'CPU s/10k pts':>14} {'points':>9}")
     medians = {}
     for name, runs in results.items():
         for run in runs:
-            print(f"{name:10} {run.points_per_s:10.0f} {run.cpu_s_per_10k:14.4f} {run.points:9d}")
+            print(f"{name:15} {run.points_per_s:10.0f} {run.cpu_s_per_10k:14.4f} {run.points:9d}")
         medians[name] = (
             statistics.median(run.points_per_s for run in runs),
             statistics.median(run.cpu_s_per_10k for run in runs),
         )
     for name, (points_per_s, cpu_s_per_10k) in medians.items():
-        print(f"{name + ' med':10} {points_per_s:10.0f} {cpu_s_per_10k:14.4f}")
+        print(f"{name + ' median':15} {points_per_s:10.0f} {cpu_s_per_10k:14.4f}")
     engine, plain = medians["engine"], medians["pymodbus"]
     print(
         f"median engine/pymodbus: points/s x{engine[0] / plain[0]:.2f}, "
