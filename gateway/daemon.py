@@ -54,6 +54,11 @@ RETENTION_PERIOD_S = 600.0
 #: How long SIGTERM waits for each PCS to confirm 0 kW and disabled after the ramp.
 SHUTDOWN_CONFIRM_S = 5.0
 MB = 1024 * 1024
+#: A loop with no tick for this long counts as stalled: the state goes to
+#: fault and the watchdog pings stop. Without SCHED_FIFO the loop thread
+#: can miss a few 1 ms deadlines when the machine is busy, and a limit of a
+#: few periods would flap the state on every such miss.
+LOOP_STALL_LIMIT_MS = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         self.store = _store_for(config)
-        self.loop = make_loop(config, len(self.pcs_names))
+        self.loop = make_loop(config, len(self.pcs_names), stall_limit_ms=LOOP_STALL_LIMIT_MS)
         self.base_params = self.loop.params
         self.telemetry: Telemetry | None = None
         self.api = ApiServer(config.service.api_socket, self._api_handlers())
@@ -111,6 +116,7 @@ class Daemon:
         self._last_setpoints = np.zeros(len(self.pcs_names))
         self._last_enabled = np.ones(len(self.pcs_names), bool)
         self._ready = False
+        self._plant_started = False
         self._last_kick_mono_s = 0.0
         self._loop_healthy = False
         self._started_utc = time.time()
@@ -152,6 +158,7 @@ class Daemon:
             station=self.config.site.name,
         )
         await self.api.start()
+        self._plant_started = True
         await self.plant.start(self._command)
         self._tasks = [
             asyncio.create_task(self._input_cycle(), name="inputs"),
@@ -194,9 +201,11 @@ class Daemon:
             f"stopping: ramping PCS to 0 kW within {self.config.service.sigterm_ramp_s:g} s"
         )
         try:
-            await self._ramp_to_zero()
-            confirmed = await self.plant.shutdown_pcs(SHUTDOWN_CONFIRM_S)
-            log.info("pcs_shutdown", confirmed=confirmed)
+            # Before the plant starts no PCS has been commanded, so there is nothing to ramp.
+            if self._plant_started:
+                await self._ramp_to_zero()
+                confirmed = await self.plant.shutdown_pcs(SHUTDOWN_CONFIRM_S)
+                log.info("pcs_shutdown", confirmed=confirmed)
         except Exception:
             log.exception("pcs_shutdown_failed")
 
@@ -227,6 +236,9 @@ class Daemon:
         ramp_s = self.config.service.sigterm_ramp_s
         start = self._last_setpoints.copy()
         t0 = time.monotonic()
+        if not np.any(start):
+            self._ramp = (t0 - ramp_s, start)
+            return
         self._ramp = (t0, start)
         log.info("sigterm_ramp", ramp_s=ramp_s, from_kw=[round(float(p), 1) for p in start])
         # The PCS writers read the ramp through _command(); this only waits it out.

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+import comtrade
 from daemon_rig import BMS_WINDOW_KW, DaemonRig
 
 from gateway.service.api import ApiClient
@@ -205,5 +206,24 @@ async def test_fault_reset_cli(tmp_path):
         bms = next(f for f in faults if f["code"] == "bms_silent")
         assert bms["reset_by"] == "alice"
         assert bms["active"] is False
+
+        # The fault left a COMTRADE disturbance record: 10 s before the trigger
+        # (or since the loop started, if shorter) and 2 s after it.
+        def records() -> list[dict]:
+            with Store(rig.state_dir) as store:
+                return store.disturbances()
+
+        (record,) = await _until(records, 10, "a disturbance record", rig)
+        assert "bms_silent" in record["fault_code"]
+        recording = comtrade.Comtrade()
+        recording.load(record["cfg_path"], record["dat_path"])
+        assert recording.total_samples == record["n_samples"]
+        assert recording.frequency == 50.0
+        channel = recording.status_channel_ids.index("bms_silent")
+        bits = list(recording.status[channel])
+        trigger = recording.trigger_timestamp - recording.start_timestamp
+        trigger_index = round(trigger.total_seconds() * 1000)
+        assert bits[0] == 0
+        assert bits[trigger_index] == 1
     finally:
         await rig.close()

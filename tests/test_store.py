@@ -271,6 +271,20 @@ def test_recorder_pre_and_post():
     assert np.all(np.diff(capture.ticks["tick"]) == 1)
 
 
+def test_recorder_trigger_offset():
+    """A trigger at tick 7 of the next batch puts that tick at the trigger index."""
+    rec = DisturbanceRecorder(TICK, pre_ticks=50, post_ticks=5)
+    rec.feed(_ticks(0, 100))
+    rec.trigger("estop", 7)
+    (capture,) = rec.feed(_ticks(100, 20))
+    assert capture.trigger_index == 57
+    assert capture.ticks["tick"][capture.trigger_index] == 107
+    assert capture.ticks["tick"][0] == 50
+    assert capture.ticks["tick"][-1] == 112
+    with pytest.raises(ValueError, match="offset"):
+        rec.trigger("x", -1)
+
+
 def test_recorder_short_history_and_flush():
     rec = DisturbanceRecorder(TICK, pre_ticks=100, post_ticks=20)
     rec.feed(_ticks(0, 30))

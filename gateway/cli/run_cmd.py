@@ -21,6 +21,7 @@ from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, Service, load_config
 from gateway.logs import LOG_LEVELS, configure_logging
 from gateway.service.api import ApiClient, ApiError
+from gateway.service.store import StoreError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -122,7 +123,10 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start with {args.config}: {err}", EXIT_USAGE) from err
     except OSError as err:
         raise CliError(f"cannot start: {err}", EXIT_IO) from err
-    return asyncio.run(daemon.run())
+    try:
+        return asyncio.run(daemon.run())
+    except StoreError as err:
+        raise CliError(str(err), EXIT_IO) from err
 
 
 # -- client commands -----------------------------------------------------------

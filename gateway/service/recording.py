@@ -8,7 +8,7 @@ per tick in Python.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -94,12 +94,23 @@ class Capture:
     trigger_index: int
 
 
+@dataclass(slots=True)
+class _Pending:
+    fault_code: str
+    pre: np.ndarray
+    #: Index of the trigger tick in the first batch fed after the trigger.
+    offset: int
+    chunks: list[np.ndarray] = field(default_factory=list)
+    collected: int = 0
+
+
 class DisturbanceRecorder:
     """Keep the last ``pre_ticks`` tick records; on a trigger, capture them plus ``post_ticks``.
 
-    A trigger that arrives while a capture is still collecting its post-fault
-    ticks is folded into that capture (its code is appended), because both
-    faults are visible in the same record.
+    The capture runs from ``pre_ticks`` before the batch that contains the
+    trigger tick to ``post_ticks`` after the trigger tick. A trigger that
+    arrives while a capture is still collecting is folded into that capture
+    (its code is appended), because both faults are visible in one record.
     """
 
     def __init__(self, dtype: np.dtype, pre_ticks: int, post_ticks: int) -> None:
@@ -113,47 +124,50 @@ class DisturbanceRecorder:
         self._ring = np.zeros(pre_ticks, dtype=self.dtype)
         self._filled = 0
         self._head = 0
-        self._pending: tuple[str, np.ndarray, list[np.ndarray], int] | None = None
+        self._pending: _Pending | None = None
 
     @property
     def collecting(self) -> bool:
         return self._pending is not None
 
-    def trigger(self, fault_code: str) -> None:
-        """Start a capture whose trigger is the next tick fed in."""
+    def trigger(self, fault_code: str, offset: int = 0) -> None:
+        """Start a capture whose trigger is tick ``offset`` of the next batch fed in."""
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
         if self._pending is not None:
-            code, pre, post, count = self._pending
-            self._pending = (f"{code}+{fault_code}", pre, post, count)
+            self._pending.fault_code += f"+{fault_code}"
             return
-        self._pending = (fault_code, self._history(), [], 0)
+        self._pending = _Pending(fault_code, self._history(), offset)
 
     def feed(self, ticks: np.ndarray) -> list[Capture]:
         """Add drained ticks; return the captures that are complete."""
         done: list[Capture] = []
-        if self._pending is not None:
-            code, pre, post, count = self._pending
-            take = ticks[: self.post_ticks + 1 - count]
-            post.append(take.copy())
-            count += len(take)
-            if count >= self.post_ticks + 1:
-                done.append(Capture(code, np.concatenate([pre, *post]), len(pre)))
+        pending = self._pending
+        if pending is not None:
+            needed = pending.offset + self.post_ticks + 1
+            take = ticks[: needed - pending.collected]
+            pending.chunks.append(take.copy())
+            pending.collected += len(take)
+            if pending.collected >= needed:
+                done.append(self._capture(pending))
                 self._pending = None
-            else:
-                self._pending = (code, pre, post, count)
         self._remember(ticks)
         return done
 
     def flush(self) -> list[Capture]:
         """Return a capture still collecting, shortened to what has arrived."""
-        if self._pending is None:
+        pending, self._pending = self._pending, None
+        if pending is None:
             return []
-        code, pre, post, _count = self._pending
-        self._pending = None
-        ticks = np.concatenate([pre, *post]) if post else pre
-        if len(ticks) == len(pre):
-            # No tick after the trigger arrived; the last one is the trigger.
-            return [Capture(code, ticks, max(len(ticks) - 1, 0))] if len(ticks) else []
-        return [Capture(code, ticks, len(pre))]
+        ticks = np.concatenate([pending.pre, *pending.chunks])
+        if len(ticks) == 0:
+            return []
+        trigger_index = min(len(pending.pre) + pending.offset, len(ticks) - 1)
+        return [Capture(pending.fault_code, ticks, trigger_index)]
+
+    def _capture(self, pending: _Pending) -> Capture:
+        ticks = np.concatenate([pending.pre, *pending.chunks])
+        return Capture(pending.fault_code, ticks, len(pending.pre) + pending.offset)
 
     def _remember(self, ticks: np.ndarray) -> None:
         if len(ticks) >= self.pre_ticks:

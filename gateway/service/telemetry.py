@@ -134,7 +134,7 @@ class Telemetry:
             ]
         )
         for k in changes.tolist():
-            self._site_edges(int(latched[k]), int(active[k]), t_utc[k])
+            self._site_edges(int(latched[k]), int(active[k]), t_utc[k], k)
         unit_bits = records["units"]["fault_bits"]
         for i, name in enumerate(self.unit_names):
             column = unit_bits[:, i]
@@ -143,13 +143,13 @@ class Telemetry:
             )
             for k in changes.tolist():
                 self._edges(
-                    name, int(self._unit_latched[i]), int(column[k]), t_utc[k], clear_too=True
+                    name, int(self._unit_latched[i]), int(column[k]), t_utc[k], k, clear_too=True
                 )
                 self._unit_latched[i] = column[k]
 
-    def _site_edges(self, latched: int, active: int, t: float) -> None:
+    def _site_edges(self, latched: int, active: int, t: float, k: int) -> None:
         if latched != self._site_latched:
-            self._edges("site", self._site_latched, latched, t, clear_too=False)
+            self._edges("site", self._site_latched, latched, t, k, clear_too=False)
             self._site_latched = latched
         cleared = self._site_active & ~active
         for bit in _bits(cleared):
@@ -157,14 +157,15 @@ class Telemetry:
                 self.submit(self._clear, box, t)
         self._site_active = active
 
-    def _edges(self, source: str, old: int, new: int, t: float, *, clear_too: bool) -> None:
+    def _edges(self, source: str, old: int, new: int, t: float, k: int, *, clear_too: bool) -> None:
+        """Record the bits that rose and fell at tick ``k`` of the batch being processed."""
         for bit in _bits(new & ~old):
             code = fault_code(bit)
             log.error("fault_raised", code=code, source=source)
             box: list[int] = []
             self._open.setdefault((source, bit), []).append(box)
             self.submit(self._raise, box, code, source, t)
-            self.recorder.trigger(code if source == "site" else f"{code}@{source}")
+            self.recorder.trigger(code if source == "site" else f"{code}@{source}", k)
             if self.metrics is not None:
                 self.metrics.faults.labels(code=code).inc()
         for bit in _bits(old & ~new):
