@@ -29,8 +29,8 @@ CYCLICTEST_OUTPUT = """\
 
 
 def test_cyclictest_histogram_parsed():
-    # 1000 samples: the 500th and 990th are 2 us, the 999th is the one at
-    # 4 us, the overflow sample counts at the 812 us maximum; with a 3 us
+    # 1000 samples: the 500th and 990th are 2 us and the 999th is the one at
+    # 4 us. The overflow sample counts at the 812 us maximum. With a 3 us
     # interval the 4 us and the overflow sample are missed deadlines.
     stats = bench.parse_cyclictest_histogram(CYCLICTEST_OUTPUT, interval_us=3)
     assert stats == {

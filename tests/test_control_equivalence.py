@@ -1,10 +1,10 @@
 """The C kernel and the numpy reference give the same records for the same inputs.
 
-Two sources of input sequences: a seeded synthetic recording that walks
-through every fault and limit (checked by coverage asserts, so the
-comparison cannot pass on a quiet sequence), and the inputs that the real
-C thread used while a Python writer raced it, replayed afterwards by
-generation number.
+The input sequences come from two sources. One is a seeded synthetic
+recording that walks through every fault and limit; coverage asserts check
+that, so the comparison cannot pass on a quiet sequence. The other is the
+inputs that the real C thread used while a Python writer raced it,
+replayed afterwards by generation number.
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ def recorded_sequence(n_ticks: int, seed: int = 7):
         # walk on top, a checkpoint dip, and an export stretch below the floor.
         phase = (k % 1500) / 1500
         load = 0.98 * load + 0.02 * (1200.0 if phase < 0.6 else 420.0) + rng.normal(0, 3.0)
-        site_load = (
-            load - (2500.0 if 5000 <= k < 5800 else 0.0) - (300.0 if 2400 <= k < 2600 else 0.0)
-        )
+        site_load = load
+        if 2400 <= k < 2600:  # checkpoint dip
+            site_load -= 300.0
+        if 5000 <= k < 5800:  # wind above the load: the site exports
+            site_load -= 2500.0
         site, units = healthy_inputs(N_UNITS, now, load_kw=site_load)
         site["grid_kw"] = site_load - 300.0 + rng.normal(0, 5.0)
         soc = np.clip(soc + rng.normal(0, 0.01, N_UNITS), 0.0, 100.0)

@@ -1,6 +1,6 @@
 """The control law, cycle by cycle, through the numpy reference and the C kernel.
 
-Unless a test says otherwise (see ``make_params``): 100 Hz so dt = 0.01 s,
+Unless a test sets otherwise (see ``make_params``): 100 Hz so dt = 0.01 s,
 two 500 kW units, cap 600 kW, floor 0 kW, no smoothing (the target follows
 the load), no ramp, slew or deadband in the way, SoC 50 %, BMS limits of
 800 V x 1000 A = 800 kW (above the rating). Expected numbers are derived in

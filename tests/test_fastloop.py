@@ -104,8 +104,8 @@ def test_fastloop_ticks_on_deadline_grid(loops):
 
 
 def test_fastloop_ring_overflow(loops):
-    # A 64-record ring that nobody drains keeps the 64 oldest records and
-    # counts every later one as an overflow; the loop keeps ticking.
+    # A 64-record ring without a consumer keeps the 64 oldest records and
+    # counts every later one as an overflow, while the loop keeps ticking.
     loop = start(loops, FastLoop(None, params=fast_params(), ring_capacity=64))
     wait_for(lambda: loop.health().ticks >= 200, "200 ticks")
     loop.stop()
@@ -186,9 +186,9 @@ def test_fastloop_stale_without_writer(loops):
 
 
 def test_fastloop_stall_detected(loops):
-    # stall() makes one tick busy-wait 300 ms. Polling health() every ~1 ms
+    # stall() makes one tick busy-wait 300 ms. Polling health() every ~2 ms
     # must report the stall while it lasts, once the last tick is older than
-    # the 5 ms limit; afterwards the skipped deadlines are counted as missed.
+    # the 5 ms limit. Afterwards the skipped deadlines are counted as missed.
     loop = start(loops, FastLoop(None, params=fast_params()))
     wait_for(lambda: loop.health().ticks >= 50, "50 ticks")
     assert not loop.health().stalled
@@ -237,7 +237,7 @@ def test_fastloop_setpoints_match_last_record(loops):
 
 
 def test_fastloop_realtime_report(loops):
-    # What the OS grants depends on the machine; the report must say it either way.
+    # What the OS grants depends on the machine, so only the report is checked.
     config = site_config(rt_priority=10, cpu=0, lock_memory=False)
     loop = FastLoop(config)
     with structlog.testing.capture_logs() as logs:

@@ -1,6 +1,6 @@
 """Safety interlocks: each fault's reaction, its timing in ticks, latching and reset.
 
-Both implementations run every case. Set-up, unless a test says otherwise:
+Both implementations run every case. Set-up, unless a test sets otherwise:
 100 Hz (10 ms ticks), two 500 kW units, cap 600 kW, load 800 kW, so each
 unit discharges 100 kW before the fault. ``ramp_to_zero`` runs at 100 kW/s,
 1 kW a tick. Inputs are fresh up to tick 4; a test changes them from tick 5.
@@ -171,9 +171,9 @@ def test_interlock_pcs_lost(kind):
 
 def test_interlock_estop_latch_and_reset(kind):
     # E-stop pressed at ticks 5-9. It disables both units at once and stays
-    # latched after release; a reset at tick 8 (still pressed) changes
-    # nothing; the reset at tick 12 clears it and the units return at once
-    # (slew is unlimited here).
+    # latched after release. A reset at tick 8 (still pressed) changes
+    # nothing. The reset at tick 12 clears it, and the units return at once
+    # because slew is unlimited here.
     def estop(k, site, units):
         site["estop"] = 1 if FAULT_TICK <= k < 10 else 0
 
