@@ -472,6 +472,11 @@ class Daemon:
         The cap in force is the override's cap (or the configured one),
         lowered by the sum of ``reduce_kw`` of the demand-response events
         running now, and kept above the grid floor.
+
+        NOTE: the supervisory planner (``gateway.plan``) does not run in the
+        daemon yet, so the configured cap is the base, job hints are stored
+        but unused, and a demand-response event cuts the cap only while it
+        runs, with no battery charged ahead for it.
         """
         params = self.base_params
         base_cap = float(np.asarray(params.cap_kw, float))
