@@ -170,8 +170,10 @@ def generate_jobs(
     scheduler starts eligible jobs in submission order, and a job that does
     not fit may be overtaken by a smaller one that does (backfill).
     """
-    rng = np.random.default_rng(seed)
-    arrivals = _draw_arrivals(spec, rng, t0_utc_s, duration_s)
+    # Separate streams for arrivals and job attributes, so that a shorter run draws the same
+    # first jobs as a longer one with the same seed.
+    arrivals = _draw_arrivals(spec, np.random.default_rng([seed, 0]), t0_utc_s, duration_s)
+    rng = np.random.default_rng([seed, 1])
     weights = np.asarray(spec.size_weights, dtype=float)
     weights /= weights.sum()
     drawn = []

@@ -195,7 +195,12 @@ class Forecaster:
         return self._t_first + (self._count - 1) * self.config.step_s
 
     def update(self, t_utc_s: float, value_kw: float) -> Forecast:
-        """Record the mean value of the step that ends at ``t_utc_s`` and forecast from it.
+        """Record the mean value of the step that ends at ``t_utc_s`` and forecast from it."""
+        self.record(t_utc_s, value_kw)
+        return self.predict()
+
+    def record(self, t_utc_s: float, value_kw: float) -> None:
+        """Record the mean value of the step that ends at ``t_utc_s``, refitting when due.
 
         ``value_kw`` is NaN (or None) when the step had no good measurement.
         Skipped steps are recorded as missing. A time that is not at least one
@@ -231,7 +236,6 @@ class Forecaster:
         if history_s >= self.config.min_fit_s and due:
             self._fit_tried_at = now
             self.fit()
-        return self.predict()
 
     def _hint_row(self, t_utc_s: float) -> np.ndarray:
         if self.hints is None:

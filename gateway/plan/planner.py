@@ -1,0 +1,544 @@
+"""The supervisory planner: once a minute, the parameters the fast loop runs with.
+
+:func:`plan_step` is a pure function of its configuration, the previous
+:class:`PlannerState` and this minute's :class:`PlannerInputs` (measured
+means, SoC, forecasts, demand-response events). It returns a :class:`Plan`
+and the next state. The daemon and the SIL replay call it the same way.
+
+How the grid import cap is chosen. The bill charges the largest 15-minute
+mean import of the billing period (a calendar month, UTC), so:
+
+1. The cap never goes below the billing peak already measured this period:
+   a lower cap would cost battery energy and save nothing.
+2. It never goes below the *history optimum*: the lowest peak the battery
+   could have held over the last days of measured net load, with perfect
+   hindsight (:func:`~gateway.plan.optimum.optimal_peak`). The forecast sees
+   one hour ahead, but peaks last longer; the recent past says which level
+   the battery can defend.
+3. It rises above both when the *outlook* needs more energy than the
+   battery has above its reserve (the *forecast need*). The outlook is the
+   forecast's upper net load for the next hour (upper load quantile minus
+   lower renewable quantile). After that, up to ``outlook_s``, it is the
+   ``history_quantile`` of the load at the same time of day on the past
+   days, minus the renewable output of the hour's end fading with time
+   constant ``renewable_fade_s``. Peaks last longer than the forecast's
+   hour, so a cap that only looked an hour ahead would empty the battery
+   early in a long peak and then break.
+
+The SoC band tells the fast loop where to recharge and where to derate.
+Its lower edge is the reserve plus the energy that the forecast says the
+cap will need, less the renewable surplus expected in the hour, so the
+battery is charged from surplus before the grid. While the load is at the
+cap the lower edge drops to the reserve, because the fast loop derates
+discharge below it.
+
+Energy above what the cap needs may be discharged into the load by
+lowering the cap for the next minute. For self-consumption only as much is
+discharged as the renewable surplus forecast for the next hour would not
+find room for; energy kept in the battery is used on site later anyway. In
+expensive hours all of it may go, against the time-of-use spread. Cheap
+hours may charge to the top of the band. Draining and time-of-use charging
+stop for the day once the day's discharge reaches the daily cycle budget.
+A demand-response event lowers the cap to its baseline minus the requested
+reduction, and the energy it needs is charged ahead.
+
+Powers are in kW, energies in kWh, times in UNIX seconds (UTC).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import structlog
+
+from gateway.forecast.model import Forecast
+from gateway.plan.battery import BatterySpec
+from gateway.plan.events import DemandResponseEvent
+from gateway.plan.optimum import DEMAND_INTERVAL_S, hold_cap, optimal_peak
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Site, battery and tariff settings of the planner. Powers in kW, times in seconds."""
+
+    #: ``soc_min_pct`` is the ride-through reserve the planner never plans to use.
+    battery: BatterySpec
+    #: Cap used until a day of history exists.
+    initial_cap_kw: float
+    floor_kw: float = 0.0
+    ramp_limit_kw_per_s: float = 50.0
+    interval_s: float = DEMAND_INTERVAL_S
+    #: Net-load history kept for the history optimum.
+    history_s: float = 7 * 86400.0
+    #: Minimum history before the history optimum replaces ``initial_cap_kw``.
+    min_history_s: float = 86400.0
+    prior_refresh_s: float = 3600.0
+    #: How far the outlook reaches: the forecast's hour, then the history profile.
+    outlook_s: float = 12 * 3600.0
+    #: Quantile across past days of the load at the same time of day.
+    history_quantile: float = 0.75
+    #: Time constant with which the outlook lets the renewable output fade after the hour.
+    renewable_fade_s: float = 6 * 3600.0
+    #: After the forecast's hour, the outlook holds its last upper value this long, because
+    #: a high load tends to last; after that, or without a day of history, the history
+    #: profile follows.
+    extension_s: float = 2 * 3600.0
+    #: Kept between the planned cap and the fast loop's, for meter error and 1-minute lag.
+    cap_margin_kw: float = 0.0
+    #: Hourly energy prices, UTC hours 0-23; empty means a flat price.
+    energy_price_per_kwh: tuple[float, ...] = ()
+    #: Discharged energy per UTC day, in battery capacities, allowed for self-consumption
+    #: and arbitrage. Peak shaving and demand response are never limited by it.
+    daily_cycle_budget: float = 1.0
+    self_consumption: bool = True
+    #: Width of the SoC band's upper part: derating starts this far below ``soc_max_pct``.
+    soc_band_top_pct: float = 5.0
+    #: Time over which energy above the cap's need is discharged.
+    drain_s: float = 3600.0
+    #: Grid import the fast loop adds while recharging below the SoC band (its recharge_kw).
+    recharge_kw: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.initial_cap_kw > self.floor_kw:
+            problems.append(
+                f"initial_cap_kw={self.initial_cap_kw} must be above floor_kw={self.floor_kw}"
+            )
+        if self.energy_price_per_kwh and len(self.energy_price_per_kwh) != 24:
+            problems.append(
+                f"energy_price_per_kwh has {len(self.energy_price_per_kwh)} values; "
+                "give 24 (one per UTC hour) or none"
+            )
+        if not self.daily_cycle_budget >= 0:
+            problems.append(f"daily_cycle_budget={self.daily_cycle_budget} must be >= 0")
+        if self.min_history_s > self.history_s:
+            problems.append(
+                f"min_history_s={self.min_history_s} exceeds history_s={self.history_s}"
+            )
+        for name in ("interval_s", "prior_refresh_s", "drain_s", "ramp_limit_kw_per_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if problems:
+            raise ValueError("invalid planner configuration: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the fast loop runs with until the next plan, and why."""
+
+    cap_kw: float
+    floor_kw: float
+    ramp_limit_kw_per_s: float
+    #: (soft minimum, soft maximum) SoC in %: recharge below the first, derate past both.
+    soc_target_band: tuple[float, float]
+    #: The billing cap that headroom counts against; ``cap_kw`` is lower while draining.
+    billing_cap_kw: float
+    #: Load the site can add for the next hour without breaking the billing cap.
+    headroom_kw: float
+    #: Short name of the term that set the cap, then details.
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlannerInputs:
+    """This minute's measurements and forecasts. Means are over the last ``period_s``."""
+
+    now_utc: float
+    period_s: float
+    grid_kw: float | None
+    #: Load minus renewable output.
+    net_load_kw: float | None
+    #: Battery AC power, positive = discharge.
+    battery_kw: float | None
+    soc_pct: float | None
+    #: Renewable output; None when the site has none or it is not measured.
+    renewable_kw: float | None = None
+    load_forecast: Forecast | None = None
+    renewable_forecast: Forecast | None = None
+    events: tuple[DemandResponseEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlannerState:
+    """Everything :func:`plan_step` carries from one minute to the next."""
+
+    billing_month: tuple[int, int] | None = None
+    #: Largest 15-minute mean grid import measured this billing period.
+    billing_peak_kw: float = 0.0
+    interval_index: int | None = None
+    interval_grid_kw_s: float = 0.0
+    interval_net_kw_s: float = 0.0
+    interval_renewable_kw_s: float = 0.0
+    interval_seconds: float = 0.0
+    #: Net-load and renewable means of completed intervals, oldest first.
+    history_net_kw: tuple[float, ...] = ()
+    history_renewable_kw: tuple[float, ...] = ()
+    prior_cap_kw: float | None = None
+    prior_at_utc: float = -math.inf
+    day: int | None = None
+    discharged_kwh_today: float = 0.0
+    #: Baseline fixed at each demand-response event's start, by event id.
+    dr_baselines: dict[str, float] = field(default_factory=dict)
+    last_plan: Plan | None = None
+
+
+@dataclass(frozen=True)
+class _Outlook:
+    """Net-load forecast per demand interval: the forecast's hour, then the history profile."""
+
+    point_kw: np.ndarray
+    upper_kw: np.ndarray
+    #: Renewable surplus (negative net load) expected within the hour, in kWh.
+    surplus_kwh: float
+
+
+def _outlook(config: PlannerConfig, state: PlannerState, inputs: PlannerInputs) -> _Outlook:
+    """Turn the forecasts and the history into 15-minute net-load means ahead.
+
+    Each forecast horizon stands for the interval that ends there. Without a
+    load forecast the last measured net load is carried forward.
+    """
+    last_net = inputs.net_load_kw if inputs.net_load_kw is not None else 0.0
+    load_fc, wind_fc = inputs.load_forecast, inputs.renewable_forecast
+    if load_fc is None:
+        point = np.full(4, last_net)
+        upper = point.copy()
+    else:
+        horizons = np.asarray(load_fc.horizons_s)
+        wanted = np.arange(1, 5) * config.interval_s
+        pick = np.clip(np.searchsorted(horizons, wanted - 1e-6), 0, horizons.size - 1)
+        point = load_fc.point_kw[pick].copy()
+        upper = load_fc.upper_kw[pick].copy()
+        if wind_fc is not None:
+            wind_h = np.asarray(wind_fc.horizons_s)
+            wind_pick = np.clip(np.searchsorted(wind_h, wanted - 1e-6), 0, wind_h.size - 1)
+            point -= wind_fc.point_kw[wind_pick]
+            upper -= wind_fc.lower_kw[wind_pick]
+    surplus = float(np.clip(-point, 0.0, None).sum() * config.interval_s / 3600.0)
+    held = max(round(config.extension_s / config.interval_s), 0)
+    profile = _history_profile(config, state, point.size)
+    if profile is None:
+        profile = np.full(held, upper[-1])
+    else:
+        if wind_fc is not None:
+            renewable_kw = float(wind_fc.lower_kw[-1])
+        else:
+            renewable_kw = inputs.renewable_kw or 0.0
+        after_s = (np.arange(profile.size) + 1) * config.interval_s
+        profile = profile - renewable_kw * np.exp(-after_s / config.renewable_fade_s)
+        profile[:held] = np.maximum(profile[:held], upper[-1])
+    point = np.concatenate([point, profile])
+    upper = np.concatenate([upper, profile])
+    return _Outlook(point, upper, surplus)
+
+
+def _history_profile(config: PlannerConfig, state: PlannerState, skip: int) -> np.ndarray | None:
+    """Return the history quantile of the load for the outlook's intervals after the first ``skip``.
+
+    None when the history holds less than one day.
+    """
+    per_day = round(86400.0 / config.interval_s)
+    history = np.asarray(state.history_net_kw) + np.asarray(state.history_renewable_kw)
+    days = history.size // per_day
+    if days < 1 or state.interval_index is None:
+        return None
+    # history[-1] is the interval before the current one (index interval_index - 1).
+    recent = history[-days * per_day :].reshape(days, per_day)
+    first_of_block = state.interval_index - days * per_day
+    count = max(round(config.outlook_s / config.interval_s) - skip, 0)
+    future = state.interval_index + skip + np.arange(count)
+    columns = (future - first_of_block) % per_day
+    return np.quantile(recent[:, columns], config.history_quantile, axis=0)
+
+
+def _accumulate(config: PlannerConfig, state: PlannerState, inputs: PlannerInputs) -> PlannerState:
+    """Add this minute's means to the current interval; close the interval when it ends."""
+    now = inputs.now_utc
+    when = dt.datetime.fromtimestamp(now - 1e-6, tz=dt.timezone.utc)
+    month = (when.year, when.month)
+    peak = state.billing_peak_kw if state.billing_month == month else 0.0
+    if state.billing_month is not None and state.billing_month != month:
+        log.info("billing_period_started", month=f"{month[0]}-{month[1]:02d}")
+    day = int(now // 86400)
+    discharged = state.discharged_kwh_today if state.day == day else 0.0
+    if inputs.battery_kw is not None and inputs.battery_kw > 0:
+        discharged += inputs.battery_kw * inputs.period_s / 3600.0
+
+    # The minute that ends at `now` belongs to the interval that contains now - 1 us.
+    index = int((now - 1e-6) // config.interval_s)
+    grid_s, net_s = state.interval_grid_kw_s, state.interval_net_kw_s
+    renewable_s, seconds = state.interval_renewable_kw_s, state.interval_seconds
+    history, renewables = state.history_net_kw, state.history_renewable_kw
+    if state.interval_index is not None and index != state.interval_index and seconds > 0:
+        if state.billing_month == month or state.billing_month is None:
+            peak = max(peak, grid_s / seconds)
+        keep = round(config.history_s / config.interval_s)
+        history = (*history, net_s / seconds)[-keep:]
+        renewables = (*renewables, renewable_s / seconds)[-keep:]
+        grid_s = net_s = renewable_s = seconds = 0.0
+    if inputs.grid_kw is not None and inputs.net_load_kw is not None:
+        grid_s += inputs.grid_kw * inputs.period_s
+        net_s += inputs.net_load_kw * inputs.period_s
+        renewable_s += (inputs.renewable_kw or 0.0) * inputs.period_s
+        seconds += inputs.period_s
+    return replace(
+        state,
+        billing_month=month,
+        billing_peak_kw=peak,
+        interval_index=index,
+        interval_grid_kw_s=grid_s,
+        interval_net_kw_s=net_s,
+        interval_renewable_kw_s=renewable_s,
+        interval_seconds=seconds,
+        history_net_kw=history,
+        history_renewable_kw=renewables,
+        day=day,
+        discharged_kwh_today=discharged,
+    )
+
+
+def _refresh_prior(config: PlannerConfig, state: PlannerState, now: float) -> PlannerState:
+    """Recompute the history optimum once per ``prior_refresh_s``."""
+    if now - state.prior_at_utc < config.prior_refresh_s:
+        return state
+    needed = round(config.min_history_s / config.interval_s)
+    if len(state.history_net_kw) < needed:
+        return replace(state, prior_cap_kw=None, prior_at_utc=now)
+    history = np.asarray(state.history_net_kw)
+    result = optimal_peak(
+        history,
+        config.interval_s,
+        config.battery,
+        config.battery.soc_max_pct,
+        interval_s=config.interval_s,
+        tolerance_kw=0.5,
+    )
+    if state.prior_cap_kw is None:
+        log.info("planner_history_optimum", cap_kw=round(result.peak_kw, 1), intervals=history.size)
+    return replace(state, prior_cap_kw=result.peak_kw, prior_at_utc=now)
+
+
+def seed_history(
+    config: PlannerConfig,
+    state: PlannerState,
+    net_kw_means: np.ndarray,
+    renewable_kw_means: np.ndarray | None = None,
+    last_index: int | None = None,
+) -> PlannerState:
+    """Return ``state`` with past interval means (oldest first) as its history.
+
+    The daemon calls this at start-up with the means from its store, so that
+    the history optimum and the outlook work before a day has passed.
+    ``last_index`` is the interval index (UTC seconds // ``interval_s``) of
+    the last mean; the outlook needs it to line the history up with the
+    time of day.
+    """
+    keep = round(config.history_s / config.interval_s)
+    net = np.asarray(net_kw_means, dtype=float)[-keep:]
+    renewable = (
+        np.zeros(net.size)
+        if renewable_kw_means is None
+        else np.asarray(renewable_kw_means, dtype=float)[-keep:]
+    )
+    if net.shape != renewable.shape:
+        raise ValueError(
+            f"net_kw_means and renewable_kw_means differ in length ({net.size} vs {renewable.size})"
+        )
+    if not (np.all(np.isfinite(net)) and np.all(np.isfinite(renewable))):
+        raise ValueError("the history contains a non-finite value; drop the missing intervals")
+    index = state.interval_index if last_index is None else last_index + 1
+    return replace(
+        state,
+        history_net_kw=tuple(net.tolist()),
+        history_renewable_kw=tuple(renewable.tolist()),
+        interval_index=index,
+        prior_at_utc=-math.inf,
+    )
+
+
+def _energy_needed_kwh(config: PlannerConfig, upper_kw: np.ndarray, cap_kw: float) -> float:
+    """Stored energy that holding ``cap_kw`` against ``upper_kw`` takes, ignoring recharge."""
+    hours = config.interval_s / 3600.0
+    excess = np.clip(upper_kw - cap_kw, 0.0, config.battery.discharge_kw)
+    return float(excess.sum() * hours / config.battery.discharge_efficiency)
+
+
+def _headroom_kw(
+    config: PlannerConfig, upper_kw: np.ndarray, cap_kw: float, soc_pct: float | None
+) -> float:
+    """Find the largest constant load the site can add for the hour without breaking ``cap_kw``."""
+    hour = upper_kw[:4]
+    if soc_pct is None:
+        return max(0.0, float(cap_kw - hour.max()))
+    low, high = 0.0, max(cap_kw - float(hour.min()), 0.0) + config.battery.discharge_kw
+    if not hold_cap(hour, cap_kw, config.battery, soc_pct, config.interval_s).feasible:
+        return 0.0
+    while high - low > 1.0:
+        middle = (low + high) / 2.0
+        if hold_cap(hour + middle, cap_kw, config.battery, soc_pct, config.interval_s).feasible:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _price_mode(config: PlannerConfig, now: float) -> str:
+    """Classify this hour as ``cheap``, ``expensive`` or ``flat`` for time-of-use arbitrage.
+
+    A spread is used only when the dearest hour pays back the round trip's
+    losses on the cheapest one. Hours in the lowest quarter of the day's price
+    range count as cheap, those in the highest quarter as expensive.
+    """
+    prices = config.energy_price_per_kwh
+    if not prices:
+        return "flat"
+    low, high = min(prices), max(prices)
+    battery = config.battery
+    if high * battery.charge_efficiency * battery.discharge_efficiency <= low:
+        return "flat"
+    price = prices[int(now % 86400 // 3600)]
+    if price <= low + 0.25 * (high - low):
+        return "cheap"
+    if price >= high - 0.25 * (high - low):
+        return "expensive"
+    return "flat"
+
+
+def plan_step(
+    config: PlannerConfig, state: PlannerState, inputs: PlannerInputs
+) -> tuple[Plan, PlannerState]:
+    """Make this minute's plan; return it and the state for the next call."""
+    battery = config.battery
+    now = inputs.now_utc
+    state = _accumulate(config, state, inputs)
+    state = _refresh_prior(config, state, now)
+    outlook = _outlook(config, state, inputs)
+    soc = inputs.soc_pct
+    if soc is not None and not (0.0 <= soc <= 100.0 and math.isfinite(soc)):
+        soc = None
+
+    # 1-3: the billing cap.
+    terms = {"billing peak so far": state.billing_peak_kw}
+    terms["history optimum"] = (
+        state.prior_cap_kw if state.prior_cap_kw is not None else config.initial_cap_kw
+    )
+    if soc is not None:
+        need = optimal_peak(
+            outlook.upper_kw,
+            config.interval_s,
+            battery,
+            max(soc, battery.soc_min_pct),
+            interval_s=config.interval_s,
+            tolerance_kw=0.5,
+        )
+        terms["forecast need"] = need.peak_kw
+    elif state.last_plan is not None:
+        terms["SoC unavailable, last cap"] = state.last_plan.billing_cap_kw
+    reason_key = max(terms, key=terms.get)
+    billing_cap = max(terms.values()) + config.cap_margin_kw
+    billing_cap = max(billing_cap, config.floor_kw + 1.0)
+    cap = billing_cap
+    details = [f"{name} {value:.0f} kW" for name, value in terms.items()]
+
+    # Demand response: a fixed baseline per event, the cap below it by the reduction.
+    baselines = dict(state.dr_baselines)
+    dr_energy_kwh = 0.0
+    for event in inputs.events:
+        if event.active_at(now):
+            if event.event_id not in baselines:
+                recent = state.history_net_kw[-4:]
+                baselines[event.event_id] = (
+                    float(np.mean(recent)) if recent else float(outlook.point_kw[0])
+                )
+            event_cap = max(baselines[event.event_id] - event.reduce_kw, config.floor_kw + 1.0)
+            if event_cap < cap:
+                cap = event_cap
+                reason_key = f"demand response {event.event_id}"
+            remaining_h = (event.end_utc - now) / 3600.0
+        else:
+            remaining_h = event.duration_s / 3600.0
+        dr_energy_kwh += event.reduce_kw * remaining_h / battery.discharge_efficiency
+    baselines = {k: v for k, v in baselines.items() if any(e.event_id == k for e in inputs.events)}
+
+    # SoC band: recharge toward what the cap and the events need, surplus first.
+    needed_kwh = _energy_needed_kwh(config, outlook.upper_kw, billing_cap) + dr_energy_kwh
+    top = battery.soc_max_pct
+    band_max = top
+    recharge_kwh = max(needed_kwh - outlook.surplus_kwh * battery.charge_efficiency, 0.0)
+    band_min = battery.soc_min_pct + 100.0 * recharge_kwh / battery.energy_kwh
+    # While the load is at the cap the battery discharges, and the fast loop derates that
+    # below the band's lower edge, so the edge drops to the reserve.
+    at_cap = inputs.net_load_kw is not None and inputs.net_load_kw >= cap - 1.0
+    budget_left = state.discharged_kwh_today < config.daily_cycle_budget * battery.energy_kwh
+    mode = _price_mode(config, now)
+    if mode == "cheap" and budget_left and soc is not None:
+        band_min = top - config.soc_band_top_pct
+        reason_key += "; time-of-use charge"
+    band_min = min(band_min, top - config.soc_band_top_pct)
+    # Recharging from the grid may only use room under the peak already paid for (or the
+    # history optimum): a recharge that rises to a cap raised for the outlook sets a new peak.
+    paid_kw = max(state.billing_peak_kw, terms["history optimum"])
+    no_room = outlook.point_kw[0] + config.recharge_kw > paid_kw
+    if at_cap or no_room:
+        band_min = battery.soc_min_pct
+    band_min = max(band_min, battery.soc_min_pct)
+
+    # Drain energy the cap does not need into the load: room for surplus, or arbitrage.
+    if soc is not None and budget_left and inputs.net_load_kw is not None and mode != "cheap":
+        stored_kwh = (soc - battery.soc_min_pct) / 100.0 * battery.energy_kwh
+        spare_kwh = stored_kwh - needed_kwh
+        if mode != "expensive":
+            room_kwh = (battery.soc_max_pct - soc) / 100.0 * battery.energy_kwh
+            missing_room_kwh = outlook.surplus_kwh * battery.charge_efficiency - room_kwh
+            spare_kwh = min(spare_kwh, missing_room_kwh if config.self_consumption else 0.0)
+        if spare_kwh > 0 and inputs.net_load_kw > config.floor_kw:
+            drain_kw = min(
+                battery.discharge_kw,
+                spare_kwh * battery.discharge_efficiency * 3600.0 / config.drain_s,
+            )
+            drain_cap = max(inputs.net_load_kw - drain_kw, config.floor_kw + 1.0)
+            if drain_cap < cap - 1.0:
+                cap = drain_cap
+                reason_key = "expensive hour" if mode == "expensive" else "self-consumption"
+                details.append(f"spare {spare_kwh:.0f} kWh")
+    elif not budget_left:
+        details.append("daily cycle budget used")
+
+    headroom = _headroom_kw(config, outlook.upper_kw, billing_cap, soc)
+    plan = Plan(
+        cap_kw=round(cap, 3),
+        floor_kw=config.floor_kw,
+        ramp_limit_kw_per_s=config.ramp_limit_kw_per_s,
+        soc_target_band=(round(band_min, 3), round(band_max, 3)),
+        billing_cap_kw=round(billing_cap, 3),
+        headroom_kw=round(headroom, 3),
+        reason=f"{reason_key} ({', '.join(details)})",
+    )
+    _log_change(state.last_plan, plan, reason_key)
+    return plan, replace(state, dr_baselines=baselines, last_plan=plan)
+
+
+def _log_change(previous: Plan | None, plan: Plan, reason_key: str) -> None:
+    """Log a plan when its reason changes or its billing cap moves by more than 2 %.
+
+    The draining cap follows the load minute by minute, so its moves are not logged.
+    """
+    if previous is not None:
+        old_key = previous.reason.split(" (", 1)[0]
+        old_cap = previous.billing_cap_kw
+        moved = abs(plan.billing_cap_kw - old_cap) > 0.02 * max(abs(old_cap), 1.0)
+        if old_key == reason_key and not moved:
+            return
+    log.info(
+        "plan_changed",
+        cap_kw=plan.cap_kw,
+        billing_cap_kw=plan.billing_cap_kw,
+        soc_band_pct=plan.soc_target_band,
+        headroom_kw=plan.headroom_kw,
+        reason=plan.reason,
+    )
