@@ -8,7 +8,7 @@ The default tolerances below are judgement calls for that margin:
 ==============================  ============  =============================================
 metric                          tolerance     why
 ==============================  ============  =============================================
-max_15min_demand_kw             2 % relative  a 15-minute mean hardly sees control timing
+max_15min_demand_kw             2 % relative  control timing hardly moves a 15-minute mean
 band_attenuation_db             3 dB          polling adds up to one poll period of delay,
                                               which costs a few dB of the 0.1-2 Hz band
 grid_ramp_p99_kw_per_s          30 % relative the 99th percentile of 1-s ramps is noisy
@@ -78,7 +78,7 @@ def compare_runs(
 
 
 def agreement_result(rows: list[Agreement]) -> CriterionResult:
-    """One criterion: every compared metric within its tolerance."""
+    """Judge the comparison as one criterion: every compared metric within its tolerance."""
     outside = [r.metric for r in rows if not r.within]
     message = (
         "HIL and SIL agree on every compared metric"

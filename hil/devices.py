@@ -147,10 +147,10 @@ class ModbusSim:
 class MeterDevice(ModbusSim):
     """A power meter whose ``[meter]`` power point is set from a plant signal.
 
-    :meth:`publish` takes the power in the role's sign (import for a grid
-    meter, consumption for a load meter, generation for a renewable meter),
-    applies the profile's ``power_sign``, splits it equally over the phase
-    power points that exist, and integrates the energy points.
+    :meth:`publish` takes the power in the role's sign: import for a grid
+    meter, consumption for a load meter, generation for a renewable meter.
+    It applies the profile's ``power_sign``, splits the power equally over
+    the phase power points that exist and integrates the energy points.
     """
 
     kind = "meter"
@@ -265,6 +265,7 @@ class PcsUnit(ModbusSim):
         self.plant = plant
         self.index = index
         self.settings = dict(settings)
+
         self._setpoint_point = settings["setpoint_point"]
         self._kw_per_setpoint = _kw_per_unit(profile, self._setpoint_point) * float(
             settings.get("setpoint_sign", 1)
@@ -279,6 +280,7 @@ class PcsUnit(ModbusSim):
             name: int(code) for code, name in settings.get("status_names", {}).items()
         }
         self._fault_bits = list(settings.get("fault_bit_names", []))
+
         self.writes: list[PcsWrite] = []
         self.last_setpoint_t_s = -math.inf
         self._heartbeat: object = None

@@ -146,7 +146,7 @@ def command_reaction_s(writes: Sequence[PcsWrite], start_s: float, end_s: float)
 
 @dataclass(frozen=True)
 class ReactionInputs:
-    """What the reaction measurement reads, all on the capture's time base (run time 0)."""
+    """Inputs of the reaction measurement, all on the capture's time base (run time 0)."""
 
     dt_s: float
     total_kw: np.ndarray
@@ -164,14 +164,14 @@ class ReactionInputs:
 
 def measure_reaction(window: FaultWindow, data: ReactionInputs) -> None:
     """Fill ``window.reaction_ms`` and ``window.output_before_kw`` from the captured plant."""
-    what = window.reaction
-    if what is None or not window.started:
+    measured = window.reaction
+    if measured is None or not window.started:
         return
     n = data.total_kw.size
     start = min(round(window.start_s / data.dt_s), n)
     end = n if window.end_s is None else min(round(window.end_s / data.dt_s), n)
     before = slice(max(start - round(1.0 / data.dt_s), 0), start)
-    if what == "total":
+    if measured == "total":
         signal, tolerance = data.total_kw, data.total_tolerance_kw
     else:
         unit = data.unit_of[window.fault.device]
@@ -179,7 +179,7 @@ def measure_reaction(window: FaultWindow, data: ReactionInputs) -> None:
     if start > before.start:
         window.output_before_kw = float(np.mean(np.abs(signal[before])))
 
-    if what == "command":
+    if measured == "command":
         unit = data.unit_of[window.fault.device]
         end_s = end * data.dt_s
         seconds = command_reaction_s(data.writes[unit], window.start_s, end_s)

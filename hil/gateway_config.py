@@ -1,8 +1,8 @@
 """The gateway configuration of a HIL run: devices at the simulators' ports, scenario control.
 
 The rig writes ``bessgw.toml`` into the run's output folder and starts the
-daemon with it, so the daemon sees the simulators exactly as it would see
-real devices. Two choices here are the rig's, not the scenario's:
+daemon with it, so the daemon reaches the simulators exactly as it would
+reach real devices. Two choices here are the rig's, not the scenario's:
 
 * every device's ``stale_ms`` equals ``safety.meter_stale_ms``: the fast
   loop treats a reading whose quality is not GOOD as missing at once, so a
@@ -32,7 +32,7 @@ from hil.scenario import Scenario
 #: Plausible LFP cell voltages, in V, that bound the generated BMS profile's voltage ranges.
 CELL_MIN_V = 2.5
 CELL_MAX_V = 3.65
-#: Poll period of each PCS, in ms: fast enough that the loop sees its output within 50 ms.
+#: Poll period of each PCS, in ms: the loop gets each unit's output within 50 ms.
 PCS_POLL_MS = 50
 DEVICE_TIMEOUT_MS = 500
 BMS_STALE_MS = 3000

@@ -80,7 +80,7 @@ class HilError(RuntimeError):
 
 @dataclass
 class Progress:
-    """What the rig reports to a progress callback about twice a second."""
+    """State of a run, passed to a progress callback about twice a second."""
 
     phase: str
     run_s: float
@@ -92,8 +92,13 @@ class Progress:
 
 @dataclass
 class HilResult:
+    """The ``report.json`` object of a run, and the captured signals behind it."""
+
     report: dict[str, Any]
     out_dir: Path
+    capture: Capture | None = None
+    #: Output of each PCS unit, shape (units, samples), in kW; HIL runs only.
+    unit_kw: np.ndarray | None = None
 
     @property
     def verdict(self) -> str:
@@ -380,6 +385,7 @@ class HilRun:
         self.windows: list[FaultWindow] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._socket_dir: Path | None = None
+        self.daemon: DaemonProcess | None = None
 
     # -- set-up ----------------------------------------------------------------
 
@@ -391,59 +397,79 @@ class HilRun:
         return self._socket_dir
 
     async def execute(self) -> HilResult:
+        """Run the warm-up, the run and the stop, then score; every server and process ends."""
         started = time.perf_counter()
-        scenario = self.scenario
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        traces = build_traces(scenario, self.dt_s)
-        plant = plant_model.Plant(
-            pcs_params(scenario), battery_params(scenario), scenario.pcs.units, self.dt_s
-        )
-        devices = SiteDevices(scenario, plant)
-        self.windows = check_faults(scenario.faults, devices.kinds())
-        clock = PlantClock(scenario, plant, devices, traces)
-        self.clock, self.devices = clock, devices
-        await devices.start()
-        clock_task = asyncio.create_task(clock.run(), name="plant clock")
-        daemon = None
+        traces = self._prepare()
+        clock_task = None
         try:
-            files = write_gateway_config(
-                scenario,
-                self.out_dir,
-                self._socket_folder(),
-                meters=devices.meters(),
-                pcs=devices.pcs,
-                bms=devices.bms,
-            )
-            self.files = files
-            self.api = ApiClient(files.api_socket, timeout_s=2.0)
-            daemon = DaemonProcess(
-                files.config_path, self.out_dir / "daemon.log", lambda: clock.run_s
-            )
-            self.daemon = daemon
-            self._report("starting", 0.0)
-            await daemon.start()
-            await self._wait_running(STARTUP_TIMEOUT_S)
-            clock.start_run()
+            await self.devices.start()
+            clock_task = asyncio.create_task(self.clock.run(), name="plant clock")
+            await self._start_gateway()
+
+            self.clock.start_run()
             self.timeline.add(0.0, f"gateway {self.gateway_state}")
             self._tasks = [
                 asyncio.create_task(self._poll_status(), name="status"),
                 asyncio.create_task(self._drive_faults(), name="faults"),
             ]
             await self._wait_finished()
+
             stop = await self._stop_daemon()
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            if daemon is not None:
-                await daemon.close()
-            clock.stop()
-            await clock_task
-            await devices.stop()
-            if self._socket_dir is not None:
-                shutil.rmtree(self._socket_dir, ignore_errors=True)
-        self._report("scoring", clock.n * self.dt_s)
+            await self._teardown(clock_task)
+
+        self._report("scoring", self.clock.n * self.dt_s)
         return self._score(traces, stop, time.perf_counter() - started)
+
+    def _prepare(self) -> SiteTraces:
+        """Build the traces, the plant, its devices and the clock; check the fault timeline."""
+        scenario = self.scenario
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # A previous run's store and log would mix into this run's records.
+        shutil.rmtree(self.out_dir / "state", ignore_errors=True)
+        (self.out_dir / "daemon.log").unlink(missing_ok=True)
+
+        traces = build_traces(scenario, self.dt_s)
+        plant = plant_model.Plant(
+            pcs_params(scenario), battery_params(scenario), scenario.pcs.units, self.dt_s
+        )
+        self.devices = SiteDevices(scenario, plant)
+        self.windows = check_faults(scenario.faults, self.devices.kinds())
+        self.clock = PlantClock(scenario, plant, self.devices, traces)
+        return traces
+
+    async def _start_gateway(self) -> None:
+        """Write the configuration for the started devices, start the daemon, wait for running."""
+        devices = self.devices
+        self.files = write_gateway_config(
+            self.scenario,
+            self.out_dir,
+            self._socket_folder(),
+            meters=devices.meters(),
+            pcs=devices.pcs,
+            bms=devices.bms,
+        )
+        self.api = ApiClient(self.files.api_socket, timeout_s=2.0)
+        clock = self.clock
+        self.daemon = DaemonProcess(
+            self.files.config_path, self.out_dir / "daemon.log", lambda: clock.run_s
+        )
+        self._report("starting", 0.0)
+        await self.daemon.start()
+        self.gateway_state = await self._wait_running(STARTUP_TIMEOUT_S)
+
+    async def _teardown(self, clock_task: asyncio.Task[None] | None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.daemon is not None:
+            await self.daemon.close()
+        self.clock.stop()
+        if clock_task is not None:
+            await clock_task
+        await self.devices.stop()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _report(self, phase: str, run_s: float) -> None:
         if self.progress is None:
@@ -468,24 +494,26 @@ class HilRun:
         except (ConnectionError, TimeoutError, ApiError, OSError):
             return None
 
-    async def _wait_running(self, timeout_s: float) -> None:
+    async def _wait_running(self, timeout_s: float) -> str:
+        """Wait until the daemon's API reports ``running`` or ``degraded``; return the state."""
+        daemon = self.daemon
         deadline = time.monotonic() + timeout_s
+        state = "unreachable"
         while time.monotonic() < deadline:
-            if not self.daemon.alive:
+            if not daemon.alive:
                 raise HilError(
-                    f"the daemon exited with code {self.daemon.proc.returncode} before it was "  # type: ignore[union-attr]
-                    f"running; its log {self.daemon.log_path} ends with:\n{self.daemon.log_tail()}"
+                    f"the daemon exited with code {daemon.proc.returncode} before it was "
+                    f"running; its log {daemon.log_path} ends with:\n{daemon.log_tail()}"
                 )
             status = await self._status()
             if status is not None:
-                self.gateway_state = status["state"]
-                if status["state"] in ("running", "degraded"):
-                    return
+                state = status["state"]
+                if state in ("running", "degraded"):
+                    return state
             await asyncio.sleep(0.2)
         raise HilError(
-            f"the daemon was not running {timeout_s:g} s after its start (state "
-            f"{self.gateway_state}); its log {self.daemon.log_path} ends with:\n"
-            f"{self.daemon.log_tail()}"
+            f"the daemon was not running {timeout_s:g} s after its start (state {state}); "
+            f"its log {daemon.log_path} ends with:\n{daemon.log_tail()}"
         )
 
     async def _poll_status(self) -> None:
@@ -502,17 +530,18 @@ class HilRun:
         """Ask for a fault reset until the daemon runs again, as an operator would."""
         await asyncio.sleep(1.0)
         deadline = time.monotonic() + RESET_GIVE_UP_S
-        asked = False
+        requested = False
         while time.monotonic() < deadline:
             status = await self._status()
-            if status is not None and status["state"] in ("running", "degraded"):
+            # One PCS out leaves the daemon degraded, so only running means every fault is reset.
+            if status is not None and status["state"] == "running":
                 return
             if status is not None and self.daemon.alive:
                 with contextlib.suppress(ConnectionError, TimeoutError, ApiError, OSError):
                     await asyncio.to_thread(self.api.call, "reset_faults", operator="hil-rig")
-                    if not asked:
+                    if not requested:
                         self.timeline.add(self.clock.run_s, f"operator reset after {label}")
-                        asked = True
+                        requested = True
             await asyncio.sleep(1.0)
         log.warning("gateway not running after operator resets", fault=label)
 
@@ -588,9 +617,49 @@ class HilRun:
     # -- scoring ---------------------------------------------------------------------
 
     def _score(self, traces: SiteTraces, stop: dict[str, Any], wall_s: float) -> HilResult:
+        """Measure the reactions, judge every criterion and write the three report files."""
         scenario, clock = self.scenario, self.clock
         unit_tolerance_kw = max(2.0, 0.01 * scenario.pcs.rated_kw)
         total_tolerance_kw = max(2.0, 0.01 * scenario.pcs.rated_kw * scenario.pcs.units)
+        self._measure_reactions(total_tolerance_kw, unit_tolerance_kw)
+        capture = self._capture()
+
+        results = self._rig_criteria(stop, total_tolerance_kw)
+
+        extra: dict[str, Any] = {
+            "driver": "daemon",
+            "gateway_config": str(self.files.config_path),
+            "daemon_log": str(self.daemon.log_path),
+            "gateway_control_keys_skipped": list(self.files.control_keys_skipped),
+            "gateway_starts": self.daemon.starts,
+            "final_stop": stop,
+            "faults": [_window_record(w) for w in self.windows],
+            "reaction_tolerance_kw": {"unit": unit_tolerance_kw, "total": total_tolerance_kw},
+            "plant_clock": {
+                "dt_ms": self.dt_s * 1000.0,
+                "chunks": clock.chunks,
+                "max_chunk_ms": round(clock.max_chunk_s * 1000.0, 1),
+                "late_chunks": clock.late_chunks,
+                "late_chunk_ms": LATE_CHUNK_S * 1000.0,
+            },
+        }
+
+        if self.compare_sil and not scenario.faults:
+            self._report("sil replay", clock.n * self.dt_s)
+            rows, sil_info = self._compare_sil(traces, capture)
+            extra["hil_vs_sil"] = {**sil_info, "metrics": compare.rows_as_dicts(rows)}
+            if scenario.criteria.hil_sil_tolerance is not None:
+                results.append(compare.agreement_result(rows))
+        elif self.compare_sil:
+            extra["hil_vs_sil"] = {"skipped": "the SIL replay does not model faults"}
+
+        report = write_outputs(
+            self.out_dir, scenario, capture, "hil", extra, wall_s, extra_results=results
+        )
+        return HilResult(report, self.out_dir, capture, clock.unit_kw)
+
+    def _measure_reactions(self, total_tolerance_kw: float, unit_tolerance_kw: float) -> None:
+        clock = self.clock
         writes = [
             [replace_time(w, clock.plant_to_run_s(w.t_s)) for w in unit.writes]
             for unit in self.devices.pcs
@@ -609,7 +678,10 @@ class HilRun:
         )
         for window in self.windows:
             measure_reaction(window, inputs)
-        capture = Capture(
+
+    def _capture(self) -> Capture:
+        clock = self.clock
+        return Capture(
             dt_s=self.dt_s,
             load_kw=clock.load_kw,
             renewable_kw=clock.wind_kw,
@@ -622,36 +694,6 @@ class HilRun:
             events=sorted(self.timeline.events),
             reactions_ms={w.label: w.reaction_ms for w in self.windows if w.reaction},
         )
-        results = self._rig_criteria(stop, total_tolerance_kw)
-        extra: dict[str, Any] = {
-            "driver": "daemon",
-            "gateway_config": str(self.files.config_path),
-            "daemon_log": str(self.daemon.log_path),
-            "gateway_control_keys_skipped": list(self.files.control_keys_skipped),
-            "gateway_starts": self.daemon.starts,
-            "final_stop": stop,
-            "faults": [_window_record(w) for w in self.windows],
-            "reaction_tolerance_kw": {"unit": unit_tolerance_kw, "total": total_tolerance_kw},
-            "plant_clock": {
-                "dt_ms": self.dt_s * 1000.0,
-                "chunks": clock.chunks,
-                "max_chunk_ms": round(clock.max_chunk_s * 1000.0, 1),
-                "late_chunks": clock.late_chunks,
-                "late_chunk_ms": LATE_CHUNK_S * 1000.0,
-            },
-        }
-        if self.compare_sil and not scenario.faults:
-            self._report("sil replay", clock.n * self.dt_s)
-            rows, sil_info = self._compare_sil(traces, capture)
-            extra["hil_vs_sil"] = {**sil_info, "metrics": compare.rows_as_dicts(rows)}
-            if scenario.criteria.hil_sil_tolerance is not None:
-                results.append(compare.agreement_result(rows))
-        elif self.compare_sil:
-            extra["hil_vs_sil"] = {"skipped": "the SIL replay does not model faults"}
-        report = write_outputs(
-            self.out_dir, scenario, capture, "hil", extra, wall_s, extra_results=results
-        )
-        return HilResult(report, self.out_dir)
 
     def _rig_criteria(self, stop: dict[str, Any], tolerance_kw: float) -> list[CriterionResult]:
         """Criteria the rig judges: a clean exit on SIGTERM with the PCS at 0, no crashes."""
@@ -757,4 +799,4 @@ def run_sil_report(
     if scenario.faults:
         extra["faults_ignored"] = "the SIL replay does not model faults"
     report = write_outputs(Path(out_dir), scenario, sil.capture, "sil", extra, sil.wall_s)
-    return HilResult(report, Path(out_dir))
+    return HilResult(report, Path(out_dir), sil.capture)

@@ -41,7 +41,7 @@ METER_STEP_S = 0.01
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """What ``bessgw hil serve`` was asked for."""
+    """Options of one ``bessgw hil serve`` command."""
 
     kind: str
     scenario: Scenario

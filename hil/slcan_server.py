@@ -4,7 +4,7 @@ python-can's ``slcan`` interface opens its channel with pyserial's
 ``serial_for_url``, so ``socket://127.0.0.1:PORT`` reaches this server as if
 it were a USB-serial CAN adapter. On opening, python-can 4.6 sends ``C``,
 ``S6`` (500 kbit/s), an empty command (the CAN FD data bit rate, unset) and
-``O``, each ended by ``\\r``. The server answers every command the way a
+``O``, each ended by ``\\r``. The server replies to every command the way a
 Lawicel-style adapter does, ``\\r`` for success and ``\\a`` (BEL) for an
 unknown command, and sends frames as ``tIIILDD..\\r`` lines only to clients
 whose channel is open::
@@ -30,7 +30,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-#: Longest command line kept; a longer run without ``\r`` is dropped as garbage.
+#: Maximum length of a command line; a longer run without ``\r`` is dropped as garbage.
 _MAX_COMMAND_BYTES = 64
 _FIXED_REPLIES = {
     b"V": b"V1013\r",
