@@ -13,7 +13,9 @@ import os
 import socket
 import struct
 import tty
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+
+import structlog
 
 #: ``handler(request_adu, writer)`` decides what the server sends back, if anything.
 TcpHandler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
@@ -23,6 +25,23 @@ def register_response(request: bytes, words: list[int]) -> bytes:
     """Build the MBAP response to a read request ADU, carrying ``words``."""
     pdu = bytes((request[7], 2 * len(words))) + struct.pack(f">{len(words)}H", *words)
     return request[:4] + struct.pack(">HB", len(pdu) + 1, request[6]) + pdu
+
+
+@contextlib.contextmanager
+def captured_events() -> Iterator[list[dict]]:
+    """Capture structlog events under the default configuration, then restore the previous one.
+
+    A test that ran the CLI may leave structlog filtering below WARNING, which
+    would hide INFO events from ``capture_logs``. Loggers bound before the
+    block keep that configuration, so build the objects under test inside it.
+    """
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    try:
+        with structlog.testing.capture_logs() as events:
+            yield events
+    finally:
+        structlog.configure(**saved)
 
 
 def free_port() -> int:

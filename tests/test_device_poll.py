@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-import structlog
 from pymodbus.constants import ExcCodes
 
 from drivers.modbus.device import DeviceState, ModbusDevice
@@ -15,7 +14,7 @@ from drivers.modbus.link import Backoff, LinkState, ModbusLink
 from drivers.modbus.profile import parse_profile
 from drivers.modbus.server import RegisterServer
 from drivers.quality import Quality
-from tests.modbus_fakes import ScriptedTcpServer, register_response
+from tests.modbus_fakes import ScriptedTcpServer, captured_events, register_response
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -136,8 +135,8 @@ async def test_readings_age_to_stale(server, link):
 
 async def test_illegal_address_skips_block(server, link):
     server.faults.exception_for(100, 1, ExcCodes.ILLEGAL_ADDRESS)
-    device = make_device(link, rejected_block_retry_s=60.0)
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
+        device = make_device(link, rejected_block_retry_s=60.0)
         first = await device.poll_once()
         second = await device.poll_once()
     for readings in (first, second):
@@ -156,21 +155,22 @@ async def test_illegal_address_skips_block(server, link):
 
 async def test_rejected_block_retried_later(server, link):
     server.faults.exception_for(100, 1, ExcCodes.ILLEGAL_ADDRESS)
-    device = make_device(link, rejected_block_retry_s=0.05)
-    await device.poll_once()
-    server.faults.clear()
-    await asyncio.sleep(0.06)
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
+        device = make_device(link, rejected_block_retry_s=0.05)
+        await device.poll_once()
+        server.faults.clear()
+        await asyncio.sleep(0.06)
         readings = await device.poll_once()
     assert readings["v_v"].value == 230.1
-    assert [entry["event"] for entry in logs] == ["modbus block readable again"]
+    block_events = [entry["event"] for entry in logs if "block" in entry["event"]]
+    assert block_events == ["modbus block rejected", "modbus block readable again"]
 
 
 @pytest.mark.parametrize("code", [ExcCodes.GATEWAY_PATH_UNAVIABLE, ExcCodes.GATEWAY_NO_RESPONSE])
 async def test_gateway_unreachable_backs_off(server, link, code):
     server.faults.exception_for(0, 6, code)
-    device = make_device(link, backoff=Backoff(initial_s=10.0, max_s=10.0))
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
+        device = make_device(link, backoff=Backoff(initial_s=10.0, max_s=10.0))
         readings = await device.poll_once()
         assert all(reading.quality is Quality.COMM_ERROR for reading in readings.values())
         assert device.state is DeviceState.UNREACHABLE
@@ -284,7 +284,7 @@ async def test_reconnect_forever_compressed(server):
     """
     port = port_of(server)
     records = []
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
         link = await connected_link(port, timeout_s=0.5)
         device = make_device(link, poll_period_s=0.05)
         task = asyncio.ensure_future(

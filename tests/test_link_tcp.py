@@ -6,7 +6,6 @@ import asyncio
 import random
 
 import pytest
-import structlog
 from pymodbus.client import AsyncModbusTcpClient
 
 from drivers.modbus.errors import (
@@ -16,7 +15,12 @@ from drivers.modbus.errors import (
     ModbusTimeout,
 )
 from drivers.modbus.link import Backoff, LinkState, ModbusLink
-from tests.modbus_fakes import ScriptedTcpServer, free_port, register_response
+from tests.modbus_fakes import (
+    ScriptedTcpServer,
+    captured_events,
+    free_port,
+    register_response,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -287,7 +291,7 @@ async def test_request_while_down_fails_fast():
 
 async def test_reconnects_and_logs_each_change_once():
     port = free_port()
-    with structlog.testing.capture_logs() as logs:
+    with captured_events() as logs:
         link = ModbusLink.tcp("127.0.0.1", port, backoff=FAST_BACKOFF)
         await link.start()
         try:
