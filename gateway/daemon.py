@@ -117,6 +117,7 @@ class Daemon:
         self._last_enabled = np.ones(len(self.pcs_names), bool)
         self._ready = False
         self._plant_started = False
+        self._errors_counted: dict[str, int] = {}
         self._last_kick_mono_s = 0.0
         self._loop_healthy = False
         self._started_utc = time.time()
@@ -444,12 +445,23 @@ class Daemon:
         m.loop_ring_overflows.set(health.overflows)
         m.loop_healthy.set(1 if self._loop_healthy else 0)
         m.cap_kw.set(float(np.asarray(self.loop.params.cap_kw, float)))
+        if self.telemetry is not None:
+            m.faults_active.set(self.telemetry.open_faults)
         now = time.monotonic()
+        renewable = self.plant.renewable_power(now)
+        m.renewable_kw.set(float(renewable.value) if renewable.good else float("nan"))
+
         for name in self.measurements.devices:
             device = self.measurements.health(name)
-            m.device_up.labels(device=name, role=device.role).set(1 if device.up else 0)
+            labels = {"device": name, "role": device.role}
+            m.device_up.labels(**labels).set(1 if device.up else 0)
             if device.last_ok_mono_s is not None:
-                m.device_age.labels(device=name, role=device.role).set(now - device.last_ok_mono_s)
+                m.device_age.labels(**labels).set(now - device.last_ok_mono_s)
+            # The counter follows the store's error count, which only grows.
+            counted = self._errors_counted.get(name, 0)
+            if device.errors > counted:
+                m.device_errors.labels(**labels).inc(device.errors - counted)
+                self._errors_counted[name] = device.errors
 
     async def _retention(self) -> None:
         while True:

@@ -214,6 +214,10 @@ class PlantIO:
         for i, device in enumerate(self.pcs):
             self._fill_unit(units[i : i + 1], device, now_mono_s)
 
+    def renewable_power(self, now_mono_s: float) -> Reading:
+        """Return the summed on-site generation, +generation; NOT_IMPLEMENTED without a meter."""
+        return self._meter_sum("renewable_meter", now_mono_s)
+
     def _meter_power(self, device: Device, now: float) -> Reading:
         settings = self.profiles[device.name].meter
         point = settings.get("power_point", "p_kw")

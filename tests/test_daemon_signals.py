@@ -91,6 +91,8 @@ async def test_sigterm_ramps_to_zero(tmp_path):
         assert metrics["bessgw_grid_cap_kw"] == 600.0
         assert metrics['bessgw_pcs_setpoint_kw{device="pcs-1"}'] > 0.0
         assert 0.0 < metrics['bessgw_soc_percent{device="pcs-1"}'] <= 100.0
+        assert metrics["bessgw_faults_active"] == 0.0
+        assert 'bessgw_device_value_age_seconds{device="pcs-1",role="pcs"}' in metrics
 
         t_term = time.monotonic()
         await rig.signal(signal.SIGTERM)

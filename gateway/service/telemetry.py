@@ -86,6 +86,11 @@ class Telemetry:
         self.reset_operator = "unknown"
         self.last_record: np.ndarray | None = None
 
+    @property
+    def open_faults(self) -> int:
+        """Faults raised and not yet reset, as the tick records show them."""
+        return sum(len(boxes) for boxes in self._open.values())
+
     def process(self, records: np.ndarray, mono_to_utc_s: float) -> None:
         """Handle one drained batch; ``mono_to_utc_s`` is ``time.time() - monotonic`` now."""
         if len(records) == 0:
