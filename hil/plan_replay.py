@@ -1,10 +1,10 @@
 """Planning replay over days: forecasts, the planner, a coarse fast loop and the plant, no sockets.
 
-The 1 kHz replay in :mod:`hil.sil` cannot cover a week, so this replay
-steps the plant (:class:`hil.plant.Plant`) at the scenario's
-``planner.step_s`` (1 s by default) and runs, once a minute, what the
-daemon's supervisory task runs: the load forecast with the scheduler's
-hints, the wind forecast, and :func:`gateway.plan.planner.plan_step`.
+The 1 kHz replay in :mod:`hil.sil` cannot cover a week. This replay steps
+the plant (:class:`hil.plant.Plant`) at the scenario's ``planner.step_s``
+(1 s by default). Once a minute it runs what the daemon's supervisory task
+runs: the load forecast with the scheduler's hints, the wind forecast, and
+:func:`gateway.plan.planner.plan_step`.
 
 The fast loop is :class:`CoarseLaw`. It applies the numpy law's grid
 target, demand, SoC derating and recharge (steps 3 to 7 in
@@ -52,7 +52,7 @@ EVENT_LOOKAHEAD_S = 4 * 3600.0
 
 
 class ReplayError(ValueError):
-    """The scenario cannot be replayed; the message says which table or key to fix."""
+    """The scenario cannot be replayed; the message names the table or key to fix."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,10 @@ class SiteInputs:
 class CoarseLaw:
     """The fast control law's power decisions at a coarse step (see the module docstring).
 
-    Per step: recharge latches on below the band's lower edge and off
-    ``recharge_hysteresis_pct`` above it; the grid target is a first-order
+    Per step, recharge latches on below the band's lower edge and off
+    ``recharge_hysteresis_pct`` above it. The grid target is a first-order
     low-pass of the net load plus recharge, clamped to [floor, cap] and
-    ramp-limited; the battery is asked for net load minus target, within the
+    ramp-limited. The battery is asked for net load minus target, within the
     PCS rating and BMS limits, derated linearly between the soft and hard SoC
     edges.
     """
@@ -219,7 +219,7 @@ def build_site(scenario: Scenario, duration_s: float) -> SiteInputs:
 
 
 def battery_spec(scenario: Scenario) -> BatterySpec:
-    """The battery as the planner and the optimum see it: AC-side limits and round-trip losses."""
+    """Build the planner's battery: AC-side limits, PCS and cell losses, the usable SoC band."""
     settings = planner_settings(scenario)
     pcs_efficiency = PcsParams(rated_kw=scenario.pcs.rated_kw).efficiency
     rated = scenario.pcs.rated_kw * scenario.pcs.units
@@ -508,8 +508,8 @@ def _score(
 def optimum_for(scenario: Scenario, duration_s: float | None = None) -> dict:
     """Return the perfect-foresight optimum of the scenario's first ``duration_s``.
 
-    A scenario with a ``[cluster]`` table uses the same site as the replay;
-    any other uses the HIL rig's traces (:func:`hil.site.build_traces`) at a
+    A scenario with a ``[cluster]`` table uses the same site as the replay.
+    Any other uses the HIL rig's traces (:func:`hil.site.build_traces`) at a
     1 s step.
     """
     duration_s = scenario.run.duration_s if duration_s is None else duration_s

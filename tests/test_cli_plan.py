@@ -125,7 +125,7 @@ def test_plan_rejects_bad_input(tmp_path, capsys):
 
 
 def test_coarse_law_cap_and_derating():
-    """The coarse fast loop holds the cap, charges from surplus and derates near the reserve."""
+    """The coarse fast loop keeps the cap, charges from surplus and derates near the reserve."""
     law = CoarseLaw(
         rated_kw=500.0,
         step_s=1.0,

@@ -27,7 +27,7 @@ def _config(**changes) -> PlannerConfig:
     values = {
         "battery": BatterySpec(energy_kwh=100.0, discharge_kw=1000.0, charge_kw=1000.0),
         "initial_cap_kw": 800.0,
-        "extension_s": 0.0,
+        "fallback_hold_s": 0.0,
         "self_consumption": False,
     }
     values.update(changes)
@@ -107,7 +107,7 @@ def test_plan_history_optimum():
 
 def test_plan_outlook_uses_history_profile():
     # History: every day 1000 kW from 10:00 to 12:00, else 500 kW. At 09:00 the forecast
-    # hour is quiet, but the outlook sees two hours at 1000 kW: 100 kWh over 2 h lets the
+    # hour is quiet, but the outlook contains two hours at 1000 kW: 100 kWh over 2 h lets the
     # cap hold at 950 kW, above the 900 kW the quiet hour alone would suggest.
     day = np.full(96, 500.0)
     day[40:48] = 1000.0

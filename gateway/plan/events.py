@@ -16,7 +16,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-#: Longest event accepted; utility programmes call events of a few hours.
+#: Maximum event length accepted; utility programmes call events of a few hours.
 MAX_EVENT_S = 24 * 3600.0
 
 
@@ -53,6 +53,7 @@ def parse_event(data: Mapping[str, object]) -> DemandResponseEvent:
             f"demand-response event has unknown field(s) {unknown} or is missing {missing}; "
             f"give exactly {', '.join(fields)}"
         )
+
     event_id = data["event_id"]
     if not isinstance(event_id, str) or not 0 < len(event_id) <= 128:
         raise EventError(f"event_id={event_id!r} must be a string of 1 to 128 characters")
@@ -64,6 +65,7 @@ def parse_event(data: Mapping[str, object]) -> DemandResponseEvent:
         if not math.isfinite(value):
             raise EventError(f"event {event_id}: {name}={value!r} must be finite")
         numbers[name] = float(value)
+
     if numbers["reduce_kw"] <= 0:
         raise EventError(f"event {event_id}: reduce_kw={numbers['reduce_kw']} must be > 0")
     duration = numbers["end_utc"] - numbers["start_utc"]
