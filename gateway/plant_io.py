@@ -73,6 +73,7 @@ class PlantIO:
         self.pcs_bms = _pair_bms(config)
         self._tasks: list[asyncio.Task[None]] = []
         self._writer_tasks: list[asyncio.Task[None]] = []
+        self._writers_stop = asyncio.Event()
         self._writers: list[PcsWriter] = []
         for device in config.devices:
             measurements.add_device(device.name, device.role, device.effective_stale_ms / 1000)
@@ -158,19 +159,36 @@ class PlantIO:
         """Stop the writer cycles, then command 0 kW and disable every PCS.
 
         Returns, per PCS, whether both were confirmed by read-back. The
-        cycles stop first because a driver takes one call at a time.
+        cycles stop first, each at the end of its current cycle, because a
+        driver takes one call at a time and a request cancelled half-way
+        would leave its link waiting for an answer. A shutdown that is not
+        confirmed is tried once more.
         """
-        await _cancel(self._writer_tasks)
+        self._writers_stop.set()
+        _done, late = (
+            await asyncio.wait(self._writer_tasks, timeout=timeout_s)
+            if self._writer_tasks
+            else (set(), set())
+        )
+        await _cancel(list(late))
         self._writer_tasks = []
         results: dict[str, bool] = {}
         for device, writer in zip(self.pcs, self._writers, strict=True):
-            try:
-                await asyncio.wait_for(writer.shutdown(), timeout_s)
+            results[device.name] = False
+            for attempt in (1, 2):
+                try:
+                    await asyncio.wait_for(writer.shutdown(), timeout_s)
+                except Exception as err:
+                    # One line with the reason; a traceback adds nothing for a failed write.
+                    log.error(  # noqa: TRY400
+                        "pcs_shutdown_unconfirmed",
+                        device=device.name,
+                        attempt=attempt,
+                        error=repr(err),
+                    )
+                    continue
                 results[device.name] = True
-            except Exception as err:
-                # One line with the reason; the traceback adds nothing for a failed write.
-                log.error("pcs_shutdown_unconfirmed", device=device.name, error=repr(err))  # noqa: TRY400
-                results[device.name] = False
+                break
         return results
 
     # -- polling -----------------------------------------------------------
@@ -197,12 +215,13 @@ class PlantIO:
                     self.measurements.mark_error(name, snapshot.reason or snapshot.state.value, now)
             await asyncio.sleep(0.1)
 
-    async def _write_loop(self, index: int, writer: Any, command: CommandSource) -> None:
-        period_s = writer.period_s
-        while True:
+    async def _write_loop(self, index: int, writer: PcsWriter, command: CommandSource) -> None:
+        """Apply the command every ``period_s`` until ``_writers_stop`` is set, between cycles."""
+        while not self._writers_stop.is_set():
             order = command(index)
             await writer.apply(order.p_kw, order.enabled)
-            await asyncio.sleep(period_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writers_stop.wait(), writer.period_s)
 
     # -- loop inputs -------------------------------------------------------
 

@@ -106,6 +106,7 @@ class DaemonRig:
         self.notify.bind(str(self.notify_path))
         self.notify.setblocking(False)
         self.notify_log: list[tuple[float, str]] = []
+        self._notify_cursor = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = tmp_path / "daemon.log"
         #: Every WSet value the PCS received, with its monotonic time, in kW.
@@ -167,6 +168,8 @@ profile = "meter-3ph"
 transport = {{ kind = "tcp", host = "127.0.0.1", port = {self.grid_port} }}
 poll_period_ms = 50
 timeout_ms = 500
+# Generous for a shared 2-core machine: a late poll must not latch a fault.
+stale_ms = 1000
 
 [[devices]]
 name = "pcs-1"
@@ -175,6 +178,8 @@ profile = "pcs-sunspec"
 transport = {{ kind = "tcp", host = "127.0.0.1", port = {self.pcs_port} }}
 poll_period_ms = 50
 timeout_ms = 500
+# Generous for a shared 2-core machine: a late poll must not latch a fault.
+stale_ms = 1000
 rated_kw = 500.0
 {bms_section}
 
@@ -234,14 +239,20 @@ sigterm_ramp_s = {self.sigterm_ramp_s}
             self.notify_log.append((time.monotonic() - self._started_mono_s, data.decode()))
 
     async def wait_notify(self, text: str, timeout_s: float) -> float:
-        """Wait for a notify message containing ``text``; return its time since start."""
+        """Wait for a notify message containing ``text``; return its time since start.
+
+        Messages are consumed in order: the search starts after the message
+        that the previous call matched, so waiting for ``STATUS=running``
+        after a fault does not return the ``running`` from before it.
+        """
         deadline = time.monotonic() + timeout_s
-        seen = 0
         while time.monotonic() < deadline:
-            for t, message in self.read_notify()[seen:]:
+            log = self.read_notify()
+            for index in range(self._notify_cursor, len(log)):
+                t, message = log[index]
                 if text in message:
+                    self._notify_cursor = index + 1
                     return t
-            seen = len(self.notify_log)
             if self.proc is not None and self.proc.returncode is not None:
                 break
             await asyncio.sleep(0.02)
