@@ -33,7 +33,7 @@ from drivers.can.bms import BmsString, BmsStringConfig, Severity
 from drivers.can.reader import CanLink, CanReader
 from drivers.modbus.device import DeviceState, ModbusDevice
 from drivers.modbus.errors import ModbusError
-from drivers.modbus.link import ModbusLink
+from drivers.modbus.link import LinkState, ModbusLink
 from drivers.modbus.profile import Profile, load_profile
 from drivers.pcs import PcsDriver, PcsError
 from drivers.quality import Quality, Reading
@@ -427,6 +427,9 @@ class PcsWriter:
     async def _start(self) -> bool:
         now = time.monotonic()
         if now < self._next_start_mono_s:
+            return False
+        if self.driver.link.state is LinkState.CONNECTING:
+            # The first connect has not finished; a start now fails for no reason worth logging.
             return False
         try:
             await self.driver.start()
