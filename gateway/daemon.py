@@ -486,9 +486,9 @@ class Daemon:
         running now, and kept above the grid floor.
 
         NOTE: the supervisory planner (``gateway.plan``) does not run in the
-        daemon yet, so the configured cap is the base, job hints are stored
-        but unused, and a demand-response event cuts the cap only while it
-        runs, with no battery charged ahead for it.
+        daemon yet. Until it does, the configured cap is the base and job
+        hints are stored but unused. A demand-response event cuts the cap
+        only while it runs, and no energy is charged ahead for it.
         """
         params = self.base_params
         base_cap = float(np.asarray(params.cap_kw, float))

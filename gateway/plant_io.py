@@ -161,7 +161,7 @@ class PlantIO:
         Returns, per PCS, whether both were confirmed by read-back. The
         cycles stop first, each at the end of its current cycle, because a
         driver takes one call at a time and a request cancelled half-way
-        would leave its link waiting for an answer. A shutdown that is not
+        would leave its link waiting for a response. A shutdown that is not
         confirmed is tried once more.
         """
         self._writers_stop.set()
@@ -380,9 +380,9 @@ class PcsWriter:
     """The daemon's side of one :class:`~drivers.pcs.PcsDriver`: start, enable, step, stop.
 
     :meth:`apply` runs every ``period_s`` (the driver's minimum write
-    interval). It starts the driver once the PCS answers, retrying every
+    interval). It starts the driver once the PCS responds, retrying every
     ``START_RETRY_S`` and logging one line per failure streak, then enables
-    or disables it as the command says and steps the setpoint. A fault that
+    or disables it as the command requests and steps the setpoint. A fault that
     the driver latches is left latched (the driver has already commanded
     0 kW and disabled the PCS) until :meth:`request_reset`.
     """

@@ -87,7 +87,7 @@ class SecondAggregator:
 
 @dataclass(frozen=True, slots=True)
 class Capture:
-    """Ticks around one fault; ``ticks[trigger_index]`` is the first tick after the trigger."""
+    """Ticks around one fault; ``ticks[trigger_index]`` is the tick at which it was detected."""
 
     fault_code: str
     ticks: np.ndarray
