@@ -1,4 +1,4 @@
-"""HIL simulators answer the real drivers and mbpoll over real sockets on 127.0.0.1.
+"""HIL simulators respond to the real drivers and mbpoll over real sockets on 127.0.0.1.
 
 Plant time is stepped by hand here (``advance``), so every expected number
 follows from the plant parameters: a 150 kW unit with a 10 ms dead time and
@@ -252,7 +252,7 @@ def _registers(output: str) -> dict[int, int]:
 
 @pytest.mark.skipif(shutil.which("mbpoll") is None, reason="mbpoll is not installed (.ci/run)")
 def test_serve_pcs_answers_mbpoll():
-    """`bessgw hil serve pcs` answers mbpoll: SunS marker, commands, read-back, clean Ctrl-C."""
+    """`bessgw hil serve pcs` serves mbpoll: SunS marker, commands, read-back, clean Ctrl-C."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "hil", "serve", "pcs", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -288,6 +288,67 @@ def test_serve_pcs_answers_mbpoll():
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+    assert rc == 0
+
+
+def _serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """Start `bessgw hil serve ARGS`; return the process and its ready line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "hil", "serve", *args, "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "Ctrl-C" in line:
+            return proc, line
+    proc.kill()
+    proc.wait()
+    raise AssertionError("the simulator printed no ready line within 30 s")
+
+
+def _interrupt(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("mbpoll") is None, reason="mbpoll is not installed (.ci/run)")
+def test_serve_meter_answers_mbpoll():
+    """`bessgw hil serve meter` replays the site: mbpoll reads a plausible float p_kw in W."""
+    proc, line = _serve("meter")
+    try:
+        port = int(line.split("127.0.0.1:")[1].split(";")[0])
+        output = _mbpoll(port, "-t", "3:float", "-r", "52", "127.0.0.1")
+    finally:
+        rc = _interrupt(proc)
+    values = [float(v.split(":")[1]) for v in output.splitlines() if v.startswith("[52]")]
+    # The default site: 8 racks of 100 kW at 35-100 % plus 50 kW facility, minus up to 600 kW wind.
+    assert len(values) == 1
+    assert -600_000.0 < values[0] < 900_000.0
+    assert values[0] != 0.0
+    assert rc == 0
+
+
+async def test_serve_bms_sends_frames():
+    """`bessgw hil serve bms` sends Pylontech frame lines once a client opens the channel."""
+    proc, line = await asyncio.to_thread(_serve, "bms")
+    try:
+        port = int(line.split("socket://127.0.0.1:")[1].split(";")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"S6\rO\r")
+        acks = await asyncio.wait_for(reader.readexactly(2), 5)
+        frames = [await asyncio.wait_for(reader.readuntil(b"\r"), 5) for _ in range(6)]
+        writer.close()
+    finally:
+        rc = await asyncio.to_thread(_interrupt, proc)
+    assert acks == b"\r\r"
+    assert [f[:4] for f in frames] == [b"t351", b"t355", b"t356", b"t359", b"t35C", b"t35E"]
     assert rc == 0
 
 
@@ -370,7 +431,7 @@ async def test_meter_fault_and_recovery(kind, value, quality):
 
 
 async def test_meter_freeze_holds_values():
-    """A frozen meter keeps answering with the registers of the moment it froze."""
+    """A frozen meter keeps returning the registers of the moment it froze."""
     meter = MeterDevice("grid", load_profile("meter-3ph"))
     await meter.start()
     link, poller = await driver_for(meter)
@@ -468,17 +529,16 @@ async def test_bms_slcan_to_gateway_driver(tmp_path):
     scenario = load_scenario("faults-bms-silent")
     plant, bms = make_bms(strings=2)
     url = await bms.start_slcan()
+
     profile = load_bms_profile(write_bms_profile(scenario, tmp_path / "bms.toml"))
     string = BmsString(
         BmsStringConfig(
             name="bms-1", profile=profile, max_current_a=600.0, stale_s=3.0, recovery_frame_sets=3
         )
     )
-    reader = CanReader(
-        CanLink("slcan", url, slcan_open_delay_s=0.0),
-        string.on_message,
-    )
+    reader = CanReader(CanLink("slcan", url, slcan_open_delay_s=0.0), string.on_message)
     reader.start()
+
     try:
         assert await asyncio.to_thread(wait_until, lambda: bms.slcan.open_clients == 1, 10.0)
         for k in range(4):
@@ -491,6 +551,7 @@ async def test_bms_slcan_to_gateway_driver(tmp_path):
     finally:
         await asyncio.to_thread(reader.stop)
         await bms.stop()
+
     # python-can 4.6 sends close, bit rate, no data bit rate, open (twice); close on stop.
     assert bms.slcan.commands[:4] == [b"C", b"S6", b"", b"O"]
     assert bms.slcan.commands[-1] == b"C"
@@ -528,7 +589,7 @@ async def test_slcan_server_commands():
     await bms.start_slcan()
     reader, writer = await asyncio.open_connection("127.0.0.1", bms.slcan.port)
     try:
-        bms.send(0.0)  # nobody has opened the channel yet
+        bms.send(0.0)  # no client has opened the channel yet
         writer.write(b"C\rS6\r\rV\rX\r")
         replies = await asyncio.wait_for(reader.readexactly(10), 5)
         writer.write(b"O\r")
@@ -589,6 +650,7 @@ async def test_gateway_config_for_site(tmp_path):
     plant = plant_model.Plant(pcs_params(scenario), battery_params(scenario), 2, DT_S)
     devices = SiteDevices(scenario, plant)
     await devices.start()
+
     try:
         files = write_gateway_config(
             scenario,
@@ -600,6 +662,7 @@ async def test_gateway_config_for_site(tmp_path):
         )
     finally:
         await devices.stop()
+
     config = load_config(files.config_path)
     by_name = {d.name: d for d in config.devices}
     assert sorted(by_name) == sorted(

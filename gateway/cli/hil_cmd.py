@@ -91,11 +91,11 @@ def _load(name: str) -> Any:
 
 
 class _ProgressBar:
-    """A one-line bar on stderr in a terminal; otherwise a line every 10 % of the run."""
+    """A one-line bar on stderr in a terminal, else one line per phase and per 10 % of the run."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
-        self._last_tenth = -1
+        self._last: tuple[int, str] | None = None
 
     def __call__(self, progress: Any) -> None:
         fraction = min(max(progress.run_s / progress.duration_s, 0.0), 1.0)
@@ -110,8 +110,8 @@ class _ProgressBar:
             print(f"\r[{bar}] {text}", end="", file=sys.stderr, flush=True)
             return
         tenth = int(fraction * 10)
-        if tenth != self._last_tenth or progress.phase not in ("running",):
-            self._last_tenth = tenth
+        if (tenth, progress.phase) != self._last:
+            self._last = (tenth, progress.phase)
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
