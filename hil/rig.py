@@ -523,7 +523,9 @@ class HilRun:
             state = status["state"] if status is not None else "unreachable"
             if state != self.gateway_state and not self.clock.finished.is_set():
                 self.gateway_state = state
-                self.timeline.add(self.clock.run_s, f"gateway {state}")
+                codes = sorted({f["code"] for f in (status or {}).get("faults_active") or []})
+                causes = f" ({', '.join(codes)})" if codes and state != "running" else ""
+                self.timeline.add(self.clock.run_s, f"gateway {state}{causes}")
             await asyncio.sleep(STATUS_PERIOD_S)
 
     async def _operator_reset(self, label: str) -> None:
