@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import os
 import signal
 import time
@@ -32,10 +33,12 @@ from typing import Any
 import numpy as np
 import structlog
 
+from drivers.quality import Quality
 from gateway.config import ConfigError, SiteConfig, load_config
 from gateway.control import law
 from gateway.control.layout import Fault
 from gateway.control.loop import make_loop
+from gateway.control.predictor import PeriodicPredictor, PredictorParams
 from gateway.forecast.hints import HintBook
 from gateway.measurements import MeasurementStore
 from gateway.plant_io import Command, PlantIO
@@ -296,11 +299,18 @@ class Daemon:
     async def _input_cycle(self) -> None:
         """Copy the newest readings into the loop's inputs every ``INPUT_PERIOD_S``."""
         site, units = self.loop.new_inputs()
+        predictor = self._make_predictor()
         next_t = time.monotonic()
         while True:
             now = time.monotonic()
             self.measurements.check_stale(now)
             self.plant.fill_inputs(site, units, now)
+            if predictor is not None:
+                load_good = int(site["load_quality"]) == int(Quality.GOOD)
+                measured = float(site["load_kw"]) if load_good else math.nan
+                site["load_kw"] = predictor.update(measured) if load_good else measured
+                if not load_good:
+                    predictor.reset()
             self.loop.write_inputs(site, units)
             next_t += INPUT_PERIOD_S
             delay = next_t - time.monotonic()
@@ -308,6 +318,17 @@ class Daemon:
                 next_t = time.monotonic()
                 delay = 0
             await asyncio.sleep(delay)
+
+    def _make_predictor(self) -> PeriodicPredictor | None:
+        """Build the load feed-forward of ``control.feedforward``, sampled every input cycle."""
+        control = self.config.control
+        if not control.feedforward:
+            return None
+        return PeriodicPredictor(
+            PredictorParams(
+                sample_period_s=INPUT_PERIOD_S, lead_s=control.feedforward_lead_ms / 1000.0
+            )
+        )
 
     async def _wait_for_devices(self) -> None:
         """Stay in ``init`` until every device has responded, updating STATUS= as devices come up.
