@@ -12,7 +12,7 @@ from gateway.logs import configure_logging
 
 
 class _CurrentStderr:
-    """Write to whatever ``sys.stderr`` is now, so pytest's capture sees log lines."""
+    """Write to whatever ``sys.stderr`` is now, so pytest captures the log lines."""
 
     def write(self, text: str) -> int:
         return sys.stderr.write(text)
