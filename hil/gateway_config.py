@@ -198,6 +198,11 @@ def write_gateway_config(
             control[key] = value
         else:
             skipped.append(key)
+    if "feedforward_lead_ms" in control:
+        # The scenario's lead covers the meter and the PCS. The daemon adds
+        # half a poll period on the way in and half a write interval on the
+        # way out, on average, so the predictor must look that much further.
+        control["feedforward_lead_ms"] += (meter_poll_ms + PCS_POLL_MS) / 2
     lines.append("[control]")
     lines += [f"{key} = {_toml(value)}" for key, value in control.items()]
     lines += [
