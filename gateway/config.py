@@ -224,6 +224,68 @@ class Site(_Strict):
     grid_connection_kw: float = Field(gt=0)
 
 
+class Planner(_Strict):
+    """Supervisory planner: sets the loop's grid cap and SoC band once per ``period_s``.
+
+    Disabled, the loop runs with ``control.grid_cap_kw`` and the control SoC
+    band. Enabled, ``control.grid_cap_kw`` is only the cap used until a day
+    of history exists, and ``control.grid_floor_kw``,
+    ``control.ramp_limit_kw_per_s`` and ``control.recharge_kw`` carry over.
+    The battery's power is the sum of the PCS ratings.
+    """
+
+    enabled: bool = False
+    #: How often the planner runs. Shorter than a minute only for tests and commissioning.
+    period_s: float = Field(default=60.0, ge=1.0, le=60.0)
+    #: Stored energy of every battery string together between 0 and 100 % SoC.
+    energy_kwh: float | None = Field(default=None, gt=0)
+    #: Ride-through reserve that the planner never plans to use.
+    reserve_soc_pct: float = Field(default=20.0, ge=0, lt=100)
+    #: Top of the SoC band the planner uses; default ``control.soc_soft_max_pct``.
+    soc_max_pct: float | None = Field(default=None, gt=0, le=100)
+    #: Stored kWh per kWh taken from the grid, PCS losses included.
+    charge_efficiency: float = Field(default=0.95, gt=0, le=1)
+    #: AC kWh delivered per stored kWh, PCS losses included.
+    discharge_efficiency: float = Field(default=0.95, gt=0, le=1)
+    #: Length of the tariff's demand interval: the bill charges the highest mean import over it.
+    demand_interval_min: float = Field(default=15.0, ge=1, le=60)
+    #: Energy discharged per UTC day for self-consumption and arbitrage, in battery capacities.
+    #: Peak shaving and demand response are not limited by it.
+    daily_cycle_budget: float = Field(default=1.0, ge=0, le=10)
+    #: Energy price per kWh for each UTC hour 0-23 (any currency), or empty for a flat price.
+    energy_price_per_kwh: list[float] = Field(default_factory=list)
+    #: Discharge energy that the cap does not need, to make room for renewable surplus.
+    self_consumption: bool = True
+    #: Measured history the planner uses to judge which cap the battery can hold.
+    history_days: float = Field(default=7.0, ge=1, le=60)
+    #: Kept between the planned cap and the loop's cap, for meter error and the period's lag.
+    cap_margin_kw: float = Field(default=0.0, ge=0)
+    #: Time over which energy above the cap's need is discharged into the load.
+    drain_min: float = Field(default=60.0, gt=0, le=1440)
+    #: Full range of the site load for the load forecast; default ``site.grid_connection_kw``.
+    load_scale_kw: float | None = Field(default=None, gt=0)
+    #: Rated output of the on-site renewables; required with a renewable meter.
+    renewable_rated_kw: float | None = Field(default=None, gt=0)
+    #: JSON file of planned jobs that the job scheduler rewrites (see gateway.forecast.hints).
+    job_hint_file: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> Planner:
+        if 60.0 % self.period_s:
+            raise ValueError(f"period_s ({self.period_s}) must divide 60 s evenly")
+        prices = self.energy_price_per_kwh
+        if prices and len(prices) != 24:
+            raise ValueError(
+                f"energy_price_per_kwh has {len(prices)} values; give 24 (UTC hours 0-23) or none"
+            )
+        if self.enabled and self.energy_kwh is None:
+            raise ValueError(
+                "the planner is enabled without energy_kwh; set it to the battery's stored "
+                "energy between 0 and 100 % SoC"
+            )
+        return self
+
+
 class SiteConfig(_Strict):
     """The whole file."""
 
@@ -232,6 +294,40 @@ class SiteConfig(_Strict):
     control: Control
     safety: Safety = Safety()
     service: Service = Service()
+    planner: Planner = Planner()
+
+    @model_validator(mode="after")
+    def _check_planner(self) -> SiteConfig:
+        planner, control = self.planner, self.control
+        if not planner.enabled:
+            return self
+        top = self.planner_soc_max_pct
+        # The plan's SoC band replaces the control's soft band, so it must lie inside the
+        # hard band, and be at least 5 points wide (the planner's derating zone at the top).
+        if not control.soc_hard_min_pct < planner.reserve_soc_pct <= top - 5.0:
+            raise ValueError(
+                f"planner.reserve_soc_pct ({planner.reserve_soc_pct}) must be above "
+                f"control.soc_hard_min_pct ({control.soc_hard_min_pct}) and at least 5 points "
+                f"below the planner's top SoC ({top})"
+            )
+        if not top < control.soc_hard_max_pct:
+            raise ValueError(
+                f"planner.soc_max_pct ({top}) must be below control.soc_hard_max_pct "
+                f"({control.soc_hard_max_pct})"
+            )
+        has_renewables = any(d.role == "renewable_meter" for d in self.devices)
+        if has_renewables and planner.renewable_rated_kw is None:
+            raise ValueError(
+                "the planner is enabled and the site has a renewable_meter, but "
+                "planner.renewable_rated_kw is missing; set it to the renewables' rated output"
+            )
+        return self
+
+    @property
+    def planner_soc_max_pct(self) -> float:
+        """Top of the planner's SoC band, ``planner.soc_max_pct`` or else the control's soft max."""
+        top = self.planner.soc_max_pct
+        return self.control.soc_soft_max_pct if top is None else top
 
     @model_validator(mode="after")
     def _check_devices(self) -> SiteConfig:

@@ -39,8 +39,10 @@ from gateway.control import law
 from gateway.control.layout import Fault
 from gateway.control.loop import make_loop
 from gateway.control.predictor import PeriodicPredictor, PredictorParams
-from gateway.forecast.hints import HintBook
+from gateway.forecast.hints import HintBook, HintFileWatcher
 from gateway.measurements import MeasurementStore
+from gateway.plan.planner import Plan
+from gateway.planning import SAMPLE_PERIOD_S, SupervisoryPlanner, events_ahead, planner_config
 from gateway.plant_io import Command, PlantIO
 from gateway.service.api import ApiServer, DemandResponseParams
 from gateway.service.metrics import Metrics
@@ -62,6 +64,8 @@ MB = 1024 * 1024
 #: can miss a few 1 ms deadlines when the machine is busy, and a limit of a
 #: few periods would flap the state on every such miss.
 LOOP_STALL_LIMIT_MS = 50.0
+#: A planner run that takes longer than this share of the period is abandoned for that period.
+PLANNER_TIMEOUT_SHARE = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,19 @@ class Daemon:
         self.telemetry: Telemetry | None = None
         self.api = ApiServer(config.service.api_socket, self._api_handlers())
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bessgw-store")
+        self._planner_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="bessgw-planner"
+        )
+        self.planner: SupervisoryPlanner | None = None
+        self._hint_file: HintFileWatcher | None = None
+        if config.planner.enabled:
+            self.planner = SupervisoryPlanner(config, self._planner_pool, time.monotonic())
+            if config.planner.job_hint_file is not None:
+                self._hint_file = HintFileWatcher(config.planner.job_hint_file, self.hints)
+        #: The base parameters with the last good plan applied, before the cap override.
+        self._planned_params: law.LawParams | None = None
+        #: (reason, cap_kw, SoC band) of the last decision logged and stored as an event.
+        self._last_decision: tuple[str, float, tuple[float, float]] | None = None
 
         self._store_failing = False
         self._stop = asyncio.Event()
@@ -169,6 +186,8 @@ class Daemon:
             asyncio.create_task(self._supervise(), name="supervise"),
             asyncio.create_task(self._retention(), name="retention"),
         ]
+        if self.planner is not None:
+            self._tasks.append(asyncio.create_task(self._plan_cycle(), name="planner"))
 
     async def _serve(self) -> None:
         """Wait for a stop request, handling reloads; a task that dies ends the daemon."""
@@ -232,6 +251,8 @@ class Daemon:
             await self._record_event("daemon_stopped", "bessgw stopped")
             await self._store_call(self.store.close)
         self._db.shutdown(wait=True)
+        # A planner step still running has nothing left to apply; the thread ends after it.
+        self._planner_pool.shutdown(wait=False, cancel_futures=True)
         self.notifier.close()
         log.info("daemon_stopped")
 
@@ -416,6 +437,8 @@ class Daemon:
             degraded.append("devices down: " + ", ".join(down))
         if self._store_failing:
             degraded.append("store writes failing")
+        if self.planner is not None and self.planner.error is not None:
+            degraded.append("planner failing, last good plan kept")
         return Conditions(
             mode=self.mode,
             loop_healthy=loop_healthy,
@@ -466,6 +489,8 @@ class Daemon:
         m.loop_ring_overflows.set(health.overflows)
         m.loop_healthy.set(1 if self._loop_healthy else 0)
         m.cap_kw.set(float(np.asarray(self.loop.params.cap_kw, float)))
+        headroom = self.headroom_kw()
+        m.headroom_kw.set(float("nan") if headroom is None else headroom)
         if self.telemetry is not None:
             m.faults_active.set(self.telemetry.open_faults)
         now = time.monotonic()
@@ -500,31 +525,189 @@ class Daemon:
     # -- cap override and configuration -------------------------------------
 
     def _apply_params(self) -> None:
-        """Publish the configured parameters with the cap override and demand response applied.
+        """Publish the loop's parameters: the configured ones, the plan, and the cap override.
 
-        The cap in force is the override's cap (or the configured one),
-        lowered by the sum of ``reduce_kw`` of the demand-response events
-        running now, and kept above the grid floor.
-
-        NOTE: the supervisory planner (``gateway.plan``) does not run in the
-        daemon yet. Until it does, the configured cap is the base and job
-        hints are stored but unused. A demand-response event cuts the cap
-        only while it runs, and no energy is charged ahead for it.
+        With the planner enabled and a good plan made, the plan sets the cap,
+        floor, ramp and soft SoC band, and demand-response events are part of
+        the plan. Otherwise the configured cap is the base, lowered by the sum
+        of ``reduce_kw`` of the demand-response events running now. An
+        operator cap override replaces either cap until it expires. The cap
+        is kept above the grid floor.
         """
-        params = self.base_params
-        base_cap = float(np.asarray(params.cap_kw, float))
-        cap = self.cap_override.cap_kw if self.cap_override is not None else base_cap
-        reduce_kw = sum(self.dr_events[event_id].reduce_kw for event_id in self._dr_active)
-        if reduce_kw:
-            cap = min(cap, base_cap - reduce_kw)
+        params = self.base_params if self._planned_params is None else self._planned_params
+        planned_cap = float(np.asarray(params.cap_kw, float))
+        cap = self.cap_override.cap_kw if self.cap_override is not None else planned_cap
+        if self.planner is None:
+            reduce_kw = sum(self.dr_events[event_id].reduce_kw for event_id in self._dr_active)
+            if reduce_kw:
+                cap = min(cap, planned_cap - reduce_kw)
         floor = float(np.asarray(params.floor_kw, float))
         if cap <= floor:
             # NOTE: the law needs cap > floor; a deeper demand-response cut is
             # held at 1 kW above the floor and the rest is not delivered.
             cap = floor + 1.0
-        if cap != base_cap:
+        if cap != planned_cap:
             params = params.replace(cap_kw=cap)
         self.loop.set_params(params)
+
+    def _params_with_plan(self, base: law.LawParams, plan: Plan) -> law.LawParams:
+        """Return ``base`` with the plan's cap, floor, ramp and soft SoC band.
+
+        Raises ``ValueError`` when the result breaks a rule of the law, for
+        example a band outside the configured hard SoC limits.
+        """
+        soft_min, soft_max = plan.soc_target_band
+        return base.replace(
+            cap_kw=plan.cap_kw,
+            floor_kw=plan.floor_kw,
+            ramp_kw_per_s=plan.ramp_limit_kw_per_s,
+            soc_soft_min_pct=soft_min,
+            soc_soft_max_pct=soft_max,
+        )
+
+    def headroom_kw(self) -> float | None:
+        """Return the load the site can add for the next hour without breaking the cap.
+
+        None without a plan. The plan's headroom counts against its billing
+        cap. While a lower operator cap override is in force, the headroom is
+        at most that cap minus the last period's mean net load, which leaves
+        the battery out and so errs low.
+        """
+        planner = self.planner
+        if planner is None or planner.plan is None:
+            return None
+        headroom = planner.plan.headroom_kw
+        override = self.cap_override
+        means = planner.last_means
+        if override is not None and override.cap_kw < planner.plan.billing_cap_kw:
+            net = means.net_load_kw if means is not None else None
+            room = 0.0 if net is None else max(0.0, override.cap_kw - net)
+            headroom = min(headroom, room)
+        return headroom
+
+    # -- supervisory planner ------------------------------------------------
+
+    async def _plan_cycle(self) -> None:
+        """Sample the site every second and run the planner once per ``planner.period_s``."""
+        planner = self.planner
+        assert planner is not None
+        # Means of a period before every device answered would be plans on missing inputs.
+        # Polled, because responses arrive through several drivers with no common event.
+        while not self.measurements.all_answered():  # noqa: ASYNC110
+            await asyncio.sleep(SUPERVISE_PERIOD_S)
+        planner.restart_period(time.monotonic())
+        sample_s = min(SAMPLE_PERIOD_S, planner.period_s / 10.0)
+        next_sample = time.monotonic()
+        next_plan = next_sample + planner.period_s
+        while True:
+            now = time.monotonic()
+            planner.sample(self.plant.site_readings(now))
+            if now >= next_plan:
+                next_plan += planner.period_s
+                if next_plan <= now:
+                    next_plan = now + planner.period_s
+                await self._run_planner(now)
+            next_sample += sample_s
+            delay = next_sample - time.monotonic()
+            if delay < 0:
+                next_sample = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    async def _run_planner(self, now_mono_s: float) -> None:
+        """Make one plan and apply it; on any failure keep the parameters in force."""
+        planner = self.planner
+        assert planner is not None
+        now_utc = time.time()
+        if self._hint_file is not None:
+            self._hint_file.poll()
+        self.hints.prune(now_utc)
+        try:
+            plan = await planner.run(
+                now_utc,
+                now_mono_s,
+                events_ahead(self.dr_events, now_utc),
+                self.hints.hints(),
+                timeout_s=PLANNER_TIMEOUT_SHARE * planner.period_s,
+            )
+            planned = self._params_with_plan(self.base_params, plan)
+        except Exception as err:
+            await self._planner_failed(err)
+            return
+        if planner.error is not None:
+            log.info("planner_recovered", failures=planner.failures_in_row)
+            await self._record_event(
+                "planner_recovered",
+                f"planner recovered after {planner.failures_in_row} failed period(s)",
+            )
+        planner.error = None
+        planner.failures_in_row = 0
+        self._planned_params = planned
+        self._apply_params()
+        await self._record_decision(plan)
+
+    async def _planner_failed(self, err: Exception) -> None:
+        """Log and store a planner failure once per distinct error; the parameters stay."""
+        planner = self.planner
+        assert planner is not None
+        message = f"{type(err).__name__}: {err}"
+        planner.failures_in_row += 1
+        # One line when the planner starts failing and when the kind of error changes;
+        # repeats of one kind only count, because their messages differ in times and values.
+        same_kind = planner.error is not None and planner.error.startswith(type(err).__name__)
+        planner.error = message
+        if same_kind:
+            return
+        log.error(
+            "planner_failed",
+            error=message,
+            failures=planner.failures_in_row,
+            action="the fast loop keeps its last good parameters",
+            exc_info=not isinstance(err, ValueError | TimeoutError),
+        )
+        await self._record_event(
+            "planner_failed",
+            f"planner failed, last good parameters kept: {message}",
+            severity="error",
+        )
+
+    async def _record_decision(self, plan: Plan) -> None:
+        """Log and store the decision when its reason, cap (by 1 %) or SoC band changes."""
+        applied_cap = float(np.asarray(self.loop.params.cap_kw, float))
+        reason = plan.reason.split(" (", 1)[0]
+        band = plan.soc_target_band
+        last = self._last_decision
+        if last is not None:
+            last_reason, last_cap, last_band = last
+            cap_moved = abs(applied_cap - last_cap) > max(1.0, 0.01 * abs(last_cap))
+            if reason == last_reason and not cap_moved and band == last_band:
+                return
+        self._last_decision = (reason, applied_cap, band)
+        override = self.cap_override
+        log.info(
+            "planner_decision",
+            cap_kw=applied_cap,
+            planned_cap_kw=plan.cap_kw,
+            billing_cap_kw=plan.billing_cap_kw,
+            soc_band_pct=band,
+            headroom_kw=plan.headroom_kw,
+            reason=plan.reason,
+            cap_override_kw=None if override is None else override.cap_kw,
+        )
+        overridden = "" if override is None else f" (operator override; planned {plan.cap_kw:g})"
+        await self._record_event(
+            "planner_decision",
+            f"cap {applied_cap:g} kW{overridden}, SoC band {band[0]:g}-{band[1]:g} %: "
+            f"{plan.reason}",
+            data={
+                "cap_kw": applied_cap,
+                "planned_cap_kw": plan.cap_kw,
+                "billing_cap_kw": plan.billing_cap_kw,
+                "soc_band_pct": list(band),
+                "headroom_kw": plan.headroom_kw,
+                "reason": plan.reason,
+            },
+        )
 
     def _update_demand_response(self) -> None:
         now = time.time()
@@ -595,18 +778,44 @@ class Daemon:
                 "control.rate_hz take effect only at a restart"
             )
 
+        restart_keys = (
+            "enabled",
+            "period_s",
+            "load_scale_kw",
+            "renewable_rated_kw",
+            "job_hint_file",
+        )
+        changed_keys = [
+            key
+            for key in restart_keys
+            if getattr(new.planner, key) != getattr(self.config.planner, key)
+        ]
+        if changed_keys:
+            return False, (
+                f"kept the running configuration: planner.{', planner.'.join(changed_keys)} "
+                "take effect only at a restart"
+            )
+
         try:
             params = law.LawParams.from_config(new, len(self.pcs_names))
+            planned = self._planned_params
+            if self.planner is not None:
+                planner_settings = planner_config(new)
+                if self.planner.plan is not None:
+                    planned = self._params_with_plan(params, self.planner.plan)
         except ValueError as err:
             return False, f"kept the running configuration: {err}"
         changed = [
             section
-            for section in ("site", "control", "safety", "service")
+            for section in ("site", "control", "safety", "service", "planner")
             if getattr(new, section) != getattr(self.config, section)
         ]
 
         self.config = new
         self.base_params = params
+        if self.planner is not None:
+            self.planner.config = planner_settings
+            self._planned_params = planned
         self._apply_params()
         self.store.max_bytes = round(new.service.store_max_mb * MB)
         self.store.max_age_s = new.service.store_max_age_days * 86400.0

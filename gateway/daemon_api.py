@@ -17,6 +17,7 @@ import structlog
 
 from gateway import __version__
 from gateway.forecast.hints import HintError, add_hint
+from gateway.plan.events import EventError, parse_event
 from gateway.service.api import (
     ApiParamsError,
     ApiRejectedError,
@@ -26,6 +27,7 @@ from gateway.service.api import (
     JobHintParams,
     NoParams,
     OperatorParams,
+    PlannerInputParams,
     SetCapParams,
     SetModeParams,
     StallParams,
@@ -60,6 +62,7 @@ def handlers(daemon: Daemon, *, test_hooks: bool = False) -> dict[str, Any]:
     if test_hooks:
         log.warning("api_test_hooks_enabled", env=TEST_HOOKS_ENV)
         table["test_stall_loop"] = api.test_stall_loop
+        table["test_planner_input"] = api.test_planner_input
     return table
 
 
@@ -82,6 +85,12 @@ class _Handlers:
             "ready": d._ready,
             "uptime_s": round(time.time() - d._started_utc, 1),
             "cap_kw": _finite(np.asarray(d.loop.params.cap_kw, float)),
+            "soc_band_pct": [
+                _finite(np.asarray(d.loop.params.soc_soft_min_pct, float)),
+                _finite(np.asarray(d.loop.params.soc_soft_max_pct, float)),
+            ],
+            "headroom_kw": d.headroom_kw(),
+            "planner": None if d.planner is None else d.planner.status(),
             "cap_override": None
             if override is None
             else {
@@ -289,11 +298,10 @@ class _Handlers:
         self, params: DemandResponseParams, peer_uid: int | None
     ) -> dict[str, Any]:
         d = self.d
-        if params.end_utc <= params.start_utc:
-            raise ApiParamsError(
-                f"event {params.event_id}: end_utc {params.end_utc} is not after start_utc "
-                f"{params.start_utc}"
-            )
+        try:
+            parse_event(params.model_dump())
+        except EventError as err:
+            raise ApiParamsError(str(err)) from err
         if params.end_utc <= time.time():
             raise ApiParamsError(
                 f"event {params.event_id}: end_utc {params.end_utc} is in the past"
@@ -320,6 +328,23 @@ class _Handlers:
         log.warning("test_stall_loop", duration_ms=params.duration_ms, peer_uid=peer_uid)
         self.d.loop.stall(params.duration_ms)
         return {"stalled_ms": params.duration_ms}
+
+    async def test_planner_input(
+        self, params: PlannerInputParams, peer_uid: int | None
+    ) -> dict[str, Any]:
+        """Replace one planner input for the next runs, to prove a broken input changes nothing."""
+        planner = self.d.planner
+        if planner is None:
+            raise ApiRejectedError("the planner is not enabled ([planner] enabled = false)")
+        log.warning(
+            "test_planner_input",
+            field=params.field,
+            value=params.value,
+            runs=params.runs,
+            peer_uid=peer_uid,
+        )
+        planner.input_overrides[params.field] = (params.value, params.runs)
+        return {"field": params.field, "value": params.value, "runs": params.runs}
 
     def _refuse_when_stopping(self) -> None:
         if self.d.machine.state is State.STOPPING:

@@ -57,6 +57,20 @@ class Command:
 CommandSource = Callable[[int], Command]
 
 
+@dataclass(frozen=True, slots=True)
+class SiteReadings:
+    """Site powers in kW at one moment (signs as in the module docstring), and the mean SoC."""
+
+    grid: Reading
+    #: Load minus renewable output, as the fast loop receives it.
+    net_load: Reading
+    #: Sum of the measured PCS powers, +discharge.
+    battery: Reading
+    #: On-site generation, +generation; NOT_IMPLEMENTED on a site without a renewable meter.
+    renewable: Reading
+    soc: Reading
+
+
 class PlantIO:
     """Devices of one site; see the module docstring."""
 
@@ -236,6 +250,31 @@ class PlantIO:
     def renewable_power(self, now_mono_s: float) -> Reading:
         """Return the summed on-site generation, +generation; NOT_IMPLEMENTED without a meter."""
         return self._meter_sum("renewable_meter", now_mono_s)
+
+    def site_readings(self, now_mono_s: float) -> SiteReadings:
+        """Return the site's powers and mean SoC now, for the supervisory planner.
+
+        The battery power is the sum of the measured PCS powers, and the SoC
+        the mean over every BMS string. Either is bad as soon as one of its
+        parts is not GOOD.
+        """
+        grid = self._meter_sum("grid_meter", now_mono_s)
+        battery = _sum([self._pcs_power(d, now_mono_s) for d in self.pcs], now_mono_s)
+        socs = [self.bms[name].snapshot(now_mono_s).readings.get("soc_pct") for name in self.bms]
+        if not socs:
+            soc = Reading.bad(Quality.NOT_IMPLEMENTED, now_mono_s, "%")
+        elif all(r is not None and r.good for r in socs):
+            mean = sum(float(r.value) for r in socs) / len(socs)
+            soc = Reading(mean, Quality.GOOD, min(r.t_mono_s for r in socs), "%")
+        else:
+            soc = Reading.bad(Quality.STALE, now_mono_s, "%")
+        return SiteReadings(
+            grid=grid,
+            net_load=self._net_load(grid, now_mono_s),
+            battery=battery,
+            renewable=self.renewable_power(now_mono_s),
+            soc=soc,
+        )
 
     def _meter_power(self, device: Device, now: float) -> Reading:
         settings = self.profiles[device.name].meter

@@ -134,8 +134,11 @@ class DaemonRig:
                 last = setpoint_w
             await asyncio.sleep(0.02)
 
-    def write_config(self, **overrides: str) -> None:
-        """Write the site configuration; ``overrides`` replace whole ``key = value`` lines."""
+    def write_config(self, extra: str = "", **overrides: str) -> None:
+        """Write the site configuration; ``overrides`` replace whole ``key = value`` lines.
+
+        ``extra`` is appended as is, for tables the rig does not write (``[planner]``).
+        """
         lines = {
             "grid_cap_kw": "grid_cap_kw = 600.0",
             "ramp_limit_kw_per_s": "ramp_limit_kw_per_s = 1000.0",
@@ -201,7 +204,7 @@ state_dir = "{self.state_dir}"
 api_socket = "{self.api_socket}"
 metrics_port = {self.metrics_port}
 sigterm_ramp_s = {self.sigterm_ramp_s}
-"""
+{extra}"""
         )
 
     async def start_daemon(self, *extra_env: tuple[str, str]) -> None:

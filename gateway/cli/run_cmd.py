@@ -188,6 +188,9 @@ def format_status(status: dict[str, Any]) -> str:
     if override:
         cap_text += f" (override by {override['operator']}, {override['remaining_s']:g} s left)"
     lines.append(f"grid cap: {cap_text}")
+    planner = status.get("planner")
+    if planner is not None:
+        lines.append(f"planner: {_planner_line(planner, status.get('headroom_kw'))}")
 
     loop = status["loop"]
     lines.append(
@@ -211,6 +214,21 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"active faults: {len(faults)}")
     lines.extend(f"  {_fault_line(f)}" for f in faults)
     return "\n".join(lines)
+
+
+def _planner_line(planner: dict[str, Any], headroom_kw: float | None) -> str:
+    if planner["error"]:
+        failed = f"FAILING ({planner['failures_in_row']} periods): {planner['error']}; "
+    else:
+        failed = ""
+    if planner["cap_kw"] is None:
+        return failed + "no plan yet"
+    low, high = planner["soc_band_pct"]
+    headroom = "unknown" if headroom_kw is None else f"{headroom_kw:g} kW"
+    return (
+        f"{failed}cap {planner['cap_kw']:g} kW, SoC band {low:g}-{high:g} %, "
+        f"headroom {headroom}: {planner['reason']}"
+    )
 
 
 def _fault_line(fault: dict[str, Any]) -> str:

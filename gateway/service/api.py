@@ -114,6 +114,14 @@ class StallParams(_Params):
     duration_ms: float = Field(gt=0, le=60_000)
 
 
+class PlannerInputParams(_Params):
+    """Test hook: replace one of the planner's measured inputs for its next ``runs`` runs."""
+
+    field: Literal["grid_kw", "net_load_kw", "battery_kw", "renewable_kw", "soc_pct"]
+    value: float
+    runs: int = Field(default=1, ge=1, le=10_000)
+
+
 #: Every method, with the model its ``params`` must match.
 METHODS: dict[str, type[_Params]] = {
     "status": NoParams,
@@ -128,6 +136,7 @@ METHODS: dict[str, type[_Params]] = {
     "add_dr_event": DemandResponseParams,
     # Served only when the daemon starts with BESSGW_TEST_HOOKS=1 in its environment.
     "test_stall_loop": StallParams,
+    "test_planner_input": PlannerInputParams,
 }
 
 Handler = Callable[[Any, int | None], Awaitable[dict[str, Any]]]

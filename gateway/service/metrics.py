@@ -101,6 +101,12 @@ class Metrics:
             "bessgw_soc_percent", "Battery string state of charge", ["device"], registry=r
         )
         self.cap_kw = Gauge("bessgw_grid_cap_kw", "Grid import cap in force", registry=r)
+        self.headroom_kw = Gauge(
+            "bessgw_headroom_kw",
+            "Load the site can add for the next hour without breaking the planned billing cap; "
+            "NaN without a plan",
+            registry=r,
+        )
         self.uncovered_kw = Gauge(
             "bessgw_uncovered_demand_kw",
             "Power above the cap that the battery could not cover",

@@ -1,0 +1,506 @@
+"""The supervisory planner inside the daemon, and its configuration, inputs and guards.
+
+The daemon tests run ``bessgw run`` against the rig of :mod:`daemon_rig`
+with the planner every second. The rig's plant: a constant 800 kW load, a
+500 kW PCS whose BMS window is 48.66 kW, and a BMS that reports 26 % SoC.
+With a 200 kWh battery and a 20 % reserve, the planner has 12 kWh to spend,
+so its cap stays near the load forecast's upper quantile, well above the
+configured 600 kW. The load forecast is unfitted in these tests (a fit needs
+1440 periods), so it is the last mean plus the hinted job power, with a
+spread around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from daemon_rig import DaemonRig
+
+from drivers.quality import Quality, Reading
+from gateway.config import ConfigError, load_config, validate_config
+from gateway.plan.planner import Plan, PlannerInputs
+from gateway.planning import (
+    MeanAccumulator,
+    PlanError,
+    check_inputs,
+    check_plan,
+    events_ahead,
+    forecast_config,
+    planner_config,
+)
+from gateway.plant_io import SiteReadings
+from gateway.service.api import ApiClient, ApiError, DemandResponseParams
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "systemd" / "bessgw.example.toml"
+
+PLANNER_TABLE = """
+[planner]
+enabled = true
+period_s = 1.0
+energy_kwh = 200.0
+reserve_soc_pct = 20.0
+"""
+
+
+# -- daemon ------------------------------------------------------------------
+
+
+async def _start(tmp_path: Path, *, metrics: bool = False, hooks: bool = False) -> DaemonRig:
+    rig = DaemonRig(tmp_path, metrics=metrics)
+    await rig.start_plant()
+    rig.write_config(extra=PLANNER_TABLE)
+    env = [("BESSGW_TEST_HOOKS", "1")] if hooks else []
+    await rig.start_daemon(*env)
+    await rig.wait_notify("STATUS=running", 30)
+    return rig
+
+
+async def _call(rig: DaemonRig, method: str, **params) -> dict:
+    return await asyncio.to_thread(ApiClient(rig.api_socket).call, method, **params)
+
+
+async def _until(rig: DaemonRig, predicate, timeout_s: float, what: str) -> dict:
+    """Poll the status until ``predicate(status)`` holds; return that status."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        # The notify socket holds only a few datagrams; unread, they block the daemon's sends.
+        rig.read_notify()
+        status = await _call(rig, "status")
+        if predicate(status):
+            return status
+        await asyncio.sleep(0.2)
+    raise AssertionError(
+        f"timed out after {timeout_s} s waiting for {what}; last status planner: "
+        f"{status and status['planner']}\n{rig.log_tail()}"
+    )
+
+
+def _planned(status: dict) -> bool:
+    """Return whether a plan with the SoC known exists.
+
+    The first period may end before the BMS has reported; its plan holds the
+    configured 600 kW until a day of history exists.
+    """
+    return "forecast need" in (status["planner"]["reason"] or "")
+
+
+def _logged(rig: DaemonRig, event: str) -> list[dict]:
+    return [e for e in rig.log_events() if e.get("event") == event]
+
+
+def _scrape(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+async def test_planner_cap_reaches_loop(tmp_path):
+    """The plan's cap and band reach the loop; an override wins until cleared; all is exposed."""
+    rig = await _start(tmp_path, metrics=True)
+    try:
+        status = await _until(rig, _planned, 15, "a first plan")
+        planner = status["planner"]
+        assert status["cap_kw"] == planner["cap_kw"]
+        assert status["soc_band_pct"] == planner["soc_band_pct"]
+        # The configured cap is 600 kW; the plan raises it to what 12 kWh can defend.
+        assert planner["cap_kw"] > 700.0
+        # The band runs from the reserve to the control's soft maximum.
+        assert planner["soc_band_pct"] == [20.0, 90.0]
+        assert planner["error"] is None
+        assert status["headroom_kw"] == planner["headroom_kw"]
+        assert status["headroom_kw"] >= 0.0
+        # The gauge is set from the plan in force; read it between two equal statuses.
+        first = (await _call(rig, "status"))["headroom_kw"]
+        gauge = _scrape(rig.metrics_port, "bessgw_headroom_kw")
+        second = (await _call(rig, "status"))["headroom_kw"]
+        if first == second:
+            assert gauge == first
+
+        await _call(rig, "set_cap", cap_kw=650.0, expires_in_s=60.0, operator="test")
+        status = await _until(rig, lambda s: s["cap_kw"] == 650.0, 5, "the override cap")
+        await asyncio.sleep(2.5)  # two more plans
+        rig.read_notify()
+        status = await _call(rig, "status")
+        assert status["cap_kw"] == 650.0
+        assert status["planner"]["cap_kw"] > 700.0
+        # Under a lower override the headroom is at most 650 kW minus the 800 kW net load.
+        assert status["headroom_kw"] == 0.0
+
+        await _call(rig, "clear_cap", operator="test")
+        await _until(rig, lambda s: s["cap_kw"] > 700.0, 5, "the planned cap after the override")
+
+        events = (await _call(rig, "events", limit=1000))["events"]
+        decisions = [e for e in events if e["kind"] == "planner_decision"]
+        assert any("forecast need" in e["message"] for e in decisions)
+        assert _logged(rig, "planner_decision")
+    finally:
+        await rig.close()
+
+
+async def test_planner_hint_and_dr(tmp_path):
+    """A job hint raises the planned cap; a demand-response event then lowers it below."""
+    rig = await _start(tmp_path)
+    try:
+        status = await _until(rig, _planned, 15, "a first plan")
+        await asyncio.sleep(2.5)
+        before = (await _call(rig, "status"))["planner"]["cap_kw"]
+
+        now = time.time()
+        await _call(
+            rig,
+            "add_job_hint",
+            job_id="train-1",
+            start_utc=now + 300.0,
+            end_utc=now + 7200.0,
+            nodes=8,
+            expected_kw=400.0,
+        )
+        # The 400 kW job starts inside every forecast horizon, so the forecast, and with it
+        # the cap that 12 kWh can defend, rises by about 400 kW.
+        status = await _until(
+            rig, lambda s: s["planner"]["cap_kw"] > before + 300.0, 10, "the hint to raise the cap"
+        )
+        hinted = status["planner"]["cap_kw"]
+        assert status["cap_kw"] == hinted
+
+        await _call(
+            rig,
+            "add_dr_event",
+            event_id="dr-1",
+            start_utc=time.time() - 1.0,
+            end_utc=time.time() + 1800.0,
+            reduce_kw=300.0,
+        )
+        # The event's cap is its baseline minus 300 kW. The baseline is the measured or the
+        # median forecast net load, which lies below the forecast's upper quantile that set
+        # the hinted cap, so the cap falls by at least 300 kW.
+        status = await _until(
+            rig,
+            lambda s: s["planner"]["reason"].startswith("demand response dr-1"),
+            10,
+            "the demand-response event to set the cap",
+        )
+        assert status["planner"]["cap_kw"] <= hinted - 300.0
+        assert status["cap_kw"] == status["planner"]["cap_kw"]
+        # The billing cap, which the headroom counts against, still carries the job.
+        assert status["planner"]["billing_cap_kw"] > before + 300.0
+    finally:
+        await rig.close()
+
+
+async def test_planner_broken_input_keeps_params(tmp_path):
+    """A net load 1000 times too large stops planning; the loop keeps the last parameters."""
+    rig = await _start(tmp_path, hooks=True)
+    try:
+        await _until(rig, _planned, 15, "a first plan")
+        # 800 kW read as W instead of kW: 800000, beyond 10 x the 2000 kW grid connection.
+        await _call(rig, "test_planner_input", field="net_load_kw", value=800_000.0, runs=6)
+        failing = await _until(
+            rig, lambda s: s["planner"]["error"] is not None, 5, "the planner to fail"
+        )
+        assert "net_load_kw=800000" in failing["planner"]["error"]
+        kept_cap = failing["cap_kw"]
+        kept_band = failing["soc_band_pct"]
+        kept_planned_utc = failing["planner"]["planned_utc"]
+
+        # Two more failed periods of the six: nothing of the plan in force moves.
+        status = await _until(
+            rig, lambda s: s["planner"]["failures_in_row"] >= 3, 5, "two more failed periods"
+        )
+        assert status["planner"]["error"] is not None
+        assert status["cap_kw"] == kept_cap
+        assert status["soc_band_pct"] == kept_band
+        assert status["planner"]["planned_utc"] == kept_planned_utc
+        assert status["state"] == "degraded"
+
+        recovered = await _until(
+            rig, lambda s: s["planner"]["error"] is None, 10, "the planner to recover"
+        )
+        assert recovered["planner"]["planned_utc"] > kept_planned_utc
+        await _until(rig, lambda s: s["state"] == "running", 5, "the state to return to running")
+
+        # Six failed periods: one error line and one recovery line, not one per period.
+        failed = _logged(rig, "planner_failed")
+        assert len(failed) == 1
+        assert "net_load_kw" in failed[0]["error"]
+        recovered_lines = _logged(rig, "planner_recovered")
+        assert len(recovered_lines) == 1
+        assert recovered_lines[0]["failures"] == 6
+        events = (await _call(rig, "events", limit=1000))["events"]
+        kinds = [e["kind"] for e in events]
+        assert kinds.count("planner_failed") == 1
+    finally:
+        await rig.close()
+
+
+async def test_planner_api_rejects_long_dr(tmp_path):
+    """A demand-response event longer than a day is rejected by the API with the reason."""
+    rig = await _start(tmp_path)
+    try:
+        now = time.time()
+        with pytest.raises(ApiError, match="end_utc - start_utc") as error:
+            await _call(
+                rig,
+                "add_dr_event",
+                event_id="dr-long",
+                start_utc=now,
+                end_utc=now + 2 * 86400.0,
+                reduce_kw=100.0,
+            )
+        assert error.value.code == "invalid_params"
+        # The test hook is not served without BESSGW_TEST_HOOKS=1.
+        with pytest.raises(ApiError) as hook:
+            await _call(rig, "test_planner_input", field="soc_pct", value=50.0)
+        assert hook.value.code == "unknown_method"
+    finally:
+        await rig.close()
+
+
+# -- configuration -----------------------------------------------------------
+
+
+def _example_text(planner_lines: str = "") -> str:
+    return EXAMPLE.read_text().replace("[planner]\nenabled = false\n", planner_lines)
+
+
+def _validate(tmp_path: Path, text: str):
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_planner_config_example_disabled():
+    config = load_config(EXAMPLE)
+    assert config.planner.enabled is False
+    assert config.planner.energy_kwh == 2000.0
+
+
+def test_planner_config_example_enabled(tmp_path):
+    """Enabling the example's commented table gives a planner of the site's PCS and battery."""
+    config = _validate(tmp_path, _example_text("[planner]\nenabled = true\n"))
+    built = planner_config(config)
+    assert built.battery.energy_kwh == 2000.0
+    assert built.battery.discharge_kw == 500.0
+    assert built.battery.soc_min_pct == 20.0
+    # soc_max_pct is commented out, so the control's soft maximum applies.
+    assert built.battery.soc_max_pct == 90.0
+    assert built.initial_cap_kw == 1500.0
+    assert built.interval_s == 900.0
+    assert built.energy_price_per_kwh == ()
+
+
+@pytest.mark.parametrize(
+    ("planner_lines", "message"),
+    [
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\nrenewable_rated_kw = 1.0\n"
+            "period_s = 7.0\n",
+            "period_s (7.0) must divide 60 s evenly",
+        ),
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\nrenewable_rated_kw = 1.0\n"
+            "energy_price_per_kwh = [0.1, 0.2]\n",
+            "energy_price_per_kwh has 2 values",
+        ),
+        ("[planner]\nenabled = true\nrenewable_rated_kw = 1.0\n", "without energy_kwh"),
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\nrenewable_rated_kw = 1.0\n"
+            "reserve_soc_pct = 4.0\n",
+            "must be above control.soc_hard_min_pct",
+        ),
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\nrenewable_rated_kw = 1.0\n"
+            "reserve_soc_pct = 88.0\n",
+            "at least 5 points below",
+        ),
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\nrenewable_rated_kw = 1.0\n"
+            "soc_max_pct = 98.0\n",
+            "must be below control.soc_hard_max_pct",
+        ),
+        (
+            "[planner]\nenabled = true\nenergy_kwh = 100.0\n",
+            "planner.renewable_rated_kw is missing",
+        ),
+        ("[planner]\nenable = true\n", "planner.enable: unknown key"),
+    ],
+)
+def test_planner_config_rejects(tmp_path, planner_lines, message):
+    text = EXAMPLE.read_text()
+    start = text.index("[planner]")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _validate(tmp_path, text[:start] + planner_lines)
+
+
+def test_planner_config_disabled_skips_cross_checks(tmp_path):
+    """A disabled table may keep values that only an enabled planner would reject."""
+    text = EXAMPLE.read_text()
+    start = text.index("[planner]")
+    config = _validate(tmp_path, text[:start] + "[planner]\nreserve_soc_pct = 2.0\n")
+    assert config.planner.reserve_soc_pct == 2.0
+
+
+def test_planner_config_nan_price(tmp_path):
+    text = EXAMPLE.read_text().replace(
+        "energy_price_per_kwh = []",
+        "energy_price_per_kwh = " + str([0.1] * 23 + ["nan"]).replace("'", ""),
+    )
+    with pytest.raises(ConfigError, match="energy_price_per_kwh"):
+        _validate(tmp_path, text)
+
+
+# -- inputs and guards -------------------------------------------------------
+
+
+def _readings(
+    grid=None, net=None, battery=None, renewable=None, soc=None, quality=Quality.GOOD
+) -> SiteReadings:
+    def reading(value):
+        if value is None:
+            return Reading.bad(Quality.NOT_IMPLEMENTED, 0.0, "kW")
+        if quality is not Quality.GOOD:
+            return Reading.bad(quality, 0.0, "kW")
+        return Reading(value, Quality.GOOD, 0.0, "kW")
+
+    return SiteReadings(
+        grid=reading(grid),
+        net_load=reading(net),
+        battery=reading(battery),
+        renewable=reading(renewable),
+        soc=reading(soc),
+    )
+
+
+def test_means_of_good_samples():
+    means = MeanAccumulator(10.0)
+    means.add(_readings(grid=100.0, net=150.0, battery=50.0, soc=40.0))
+    means.add(_readings(grid=200.0, net=250.0, battery=50.0, soc=41.0))
+    result = means.take(70.0)
+    assert result.grid_kw == 150.0
+    assert result.net_load_kw == 200.0
+    assert result.battery_kw == 50.0
+    assert result.soc_pct == 40.5
+    # No renewable meter: never GOOD, so no mean.
+    assert result.renewable_kw is None
+    assert result.period_s == 60.0
+
+
+def test_means_need_half_good():
+    """Two bad samples of three leave no mean; the next period starts empty."""
+    means = MeanAccumulator(0.0)
+    means.add(_readings(grid=100.0))
+    means.add(_readings(grid=900.0, quality=Quality.STALE))
+    means.add(_readings(grid=900.0, quality=Quality.COMM_ERROR))
+    assert means.take(60.0).grid_kw is None
+    means.add(_readings(grid=300.0))
+    means.add(_readings(grid=500.0, quality=Quality.STALE))
+    second = means.take(120.0)
+    # One good sample of two is half: enough.
+    assert second.grid_kw == 300.0
+    assert second.period_s == 60.0
+
+
+def test_means_empty_period():
+    result = MeanAccumulator(5.0).take(6.0)
+    assert result.grid_kw is None
+    assert result.soc_pct is None
+
+
+def _inputs(**values) -> PlannerInputs:
+    base = {"grid_kw": 0.0, "net_load_kw": 0.0, "battery_kw": 0.0, "soc_pct": 50.0}
+    base.update(values)
+    return PlannerInputs(now_utc=0.0, period_s=60.0, **base)
+
+
+def test_check_inputs_limits():
+    check_inputs(_inputs(grid_kw=20_000.0, net_load_kw=-20_000.0, soc_pct=100.0), 20_000.0)
+    check_inputs(_inputs(grid_kw=None, soc_pct=None), 20_000.0)
+    with pytest.raises(PlanError, match="grid_kw=20001"):
+        check_inputs(_inputs(grid_kw=20_001.0), 20_000.0)
+    with pytest.raises(PlanError, match="battery_kw=nan"):
+        check_inputs(_inputs(battery_kw=math.nan), 20_000.0)
+    with pytest.raises(PlanError, match="soc_pct=101"):
+        check_inputs(_inputs(soc_pct=101.0), 20_000.0)
+    with pytest.raises(PlanError, match="renewable_kw=-inf"):
+        check_inputs(_inputs(renewable_kw=-math.inf), 20_000.0)
+
+
+GOOD_PLAN = Plan(
+    cap_kw=900.0,
+    floor_kw=0.0,
+    ramp_limit_kw_per_s=50.0,
+    soc_target_band=(20.0, 90.0),
+    billing_cap_kw=900.0,
+    headroom_kw=10.0,
+    reason="forecast need (forecast need 900 kW)",
+)
+
+
+def test_check_plan_accepts_good():
+    check_plan(GOOD_PLAN)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"cap_kw": math.inf}, "cap_kw=inf"),
+        ({"headroom_kw": math.nan}, "headroom_kw=nan"),
+        ({"soc_target_band": (20.0, math.nan)}, "soc band high=nan"),
+        ({"cap_kw": 0.0}, "not above its floor"),
+        ({"soc_target_band": (90.0, 20.0)}, "SoC band 90.0-20.0"),
+        ({"soc_target_band": (-1.0, 20.0)}, "SoC band -1.0-20.0"),
+    ],
+)
+def test_check_plan_rejects(changes, message):
+    with pytest.raises(PlanError, match=message):
+        check_plan(dataclasses.replace(GOOD_PLAN, **changes))
+
+
+def test_events_ahead_window():
+    """Running and upcoming events within the look-ahead pass, earliest first; others not."""
+    events = {
+        "later": DemandResponseParams(
+            event_id="later", start_utc=3000.0, end_utc=4000.0, reduce_kw=10.0
+        ),
+        "now": DemandResponseParams(event_id="now", start_utc=900.0, end_utc=1100.0, reduce_kw=5.0),
+        "ended": DemandResponseParams(
+            event_id="ended", start_utc=0.0, end_utc=1000.0, reduce_kw=5.0
+        ),
+        "far": DemandResponseParams(
+            event_id="far", start_utc=1000.0 + 4 * 3600.0, end_utc=1e6, reduce_kw=5.0
+        ),
+    }
+    ahead = events_ahead(events, 1000.0)
+    assert [e.event_id for e in ahead] == ["now", "later"]
+    assert ahead[1].reduce_kw == 10.0
+
+
+def test_forecast_config_short_period():
+    """A 1 s period keeps the forecasters' step count; a 60 s period keeps the defaults."""
+    short = forecast_config("load", 2000.0, 1.0, use_hints=True)
+    assert short.step_s == 1.0
+    assert short.steps(short.history_s) == 8 * 1440
+    assert short.min_fit_s == 1440.0
+    minute = forecast_config("load", 2000.0, 60.0)
+    assert minute.history_s == 8 * 86400.0
+    assert minute.min_fit_s == 86400.0
+    assert minute.refit_every_s == 86400.0
+
+
+def test_validate_config_planner_defaults():
+    """Without a [planner] table the planner is off and the configuration is as before."""
+    config = load_config(EXAMPLE)
+    data = config.model_dump()
+    del data["planner"]
+    again = validate_config(data)
+    assert again.planner.enabled is False
+    assert again.planner.period_s == 60.0
