@@ -154,12 +154,20 @@ class _Job:
     racks: list[int] = field(default_factory=list)
 
 
+# Random stream ids of TrainingLoadGenerator, one per kind of draw.
+_STREAM_JOB_SHAPE = 0
+_STREAM_ITERATIONS = 1
+_STREAM_RACK_LAGS = 2
+
+
 class TrainingLoadGenerator:
     """Per-rack training power for one run, deterministic for a seed.
 
     Every random draw (iteration lengths, rack lags, checkpoint phases)
     happens in the constructor for the whole run, so :meth:`power_kw` returns
     the same values for the same times whether called once or in chunks.
+    Each kind of draw has its own random stream derived from ``seed``, so a
+    shorter run with the same seed is an exact prefix of a longer one.
     Before ``job_start_s`` and beyond ``duration_s`` the iteration clock is
     still defined, so asking past the run's end is safe.
     """
@@ -181,7 +189,11 @@ class TrainingLoadGenerator:
         self.racks = racks
         self.peak_kw = float(peak_kw)
         self.duration_s = float(duration_s)
-        rng = np.random.default_rng(seed)
+        # One stream per kind of draw and job: the number of iterations drawn
+        # grows with duration_s, and with a shared stream that would shift every
+        # later draw, so a shortened run would see different racks and checkpoints.
+        def stream(kind: int, job: int = 0) -> np.random.Generator:
+            return np.random.default_rng([seed, kind, job])
 
         period = params.iteration_period_s
         # The iteration clock covers one period before 0 and two after the run, so that
@@ -189,14 +201,15 @@ class TrainingLoadGenerator:
         span_s = duration_s + 3 * period
         self._jobs: list[_Job] = []
         for job_index in range(params.jobs):
-            job_period = period if job_index == 0 else period * rng.uniform(0.85, 1.15)
+            shape = stream(_STREAM_JOB_SHAPE, job_index)
+            job_period = period if job_index == 0 else period * shape.uniform(0.85, 1.15)
+            first_start_s = shape.uniform(0, job_period)
+            checkpoint_phase = shape.uniform(0.2, 1.0) * params.checkpoint_every_s
             count = int(np.ceil(span_s / (job_period * (1 - 3 * params.period_jitter)))) + 2
-            lengths = job_period * (1 + params.period_jitter * rng.standard_normal(count))
+            jitter = stream(_STREAM_ITERATIONS, job_index).standard_normal(count)
+            lengths = job_period * (1 + params.period_jitter * jitter)
             lengths = np.maximum(lengths, job_period * 0.5)
-            starts = (
-                -period + rng.uniform(0, job_period) + np.concatenate(([0.0], np.cumsum(lengths)))
-            )
-            checkpoint_phase = rng.uniform(0.2, 1.0) * params.checkpoint_every_s
+            starts = -period + first_start_s + np.concatenate(([0.0], np.cumsum(lengths)))
             checkpoints = np.arange(
                 checkpoint_phase, duration_s + period, params.checkpoint_every_s
             )
@@ -204,7 +217,9 @@ class TrainingLoadGenerator:
         for rack in range(racks):
             self._jobs[rack % params.jobs].racks.append(rack)
         #: Each rack's lag behind its job's iteration clock, in seconds.
-        self.rack_lag_s = params.desync * rng.uniform(0.0, 1.0, racks) * period
+        self.rack_lag_s = (
+            params.desync * stream(_STREAM_RACK_LAGS).uniform(0.0, 1.0, racks) * period
+        )
 
     def _swing(self, job: _Job, t: np.ndarray) -> np.ndarray:
         """Return the iteration waveform in [low, 1] of one job at times ``t`` (any shape)."""
