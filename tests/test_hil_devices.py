@@ -675,7 +675,11 @@ async def test_gateway_config_for_site(tmp_path):
     assert by_name["rack-03"].role == "rack_meter"
     assert by_name["bms-1"].max_current_a == pytest.approx(scenario.battery.max_current_a / 2)
     assert config.control.grid_cap_kw == scenario.control.grid_cap_kw
-    assert config.control.rt_priority == 0
+    assert config.control.rt_priority == 50
+    # The scenario lead plus half a meter poll (50 ms) and half a PCS write interval (50 ms).
+    assert config.control.feedforward_lead_ms == pytest.approx(
+        scenario.control.feedforward_lead_ms + 50.0
+    )
     assert config.safety.pcs_revert_s == scenario.pcs.revert_s
     profile = load_bms_profile(files.bms_profile_path)
     assert profile.ranges["pack_voltage_v"] == (225.0, 328.5)
