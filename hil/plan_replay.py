@@ -245,7 +245,6 @@ def planner_config(scenario: Scenario) -> PlannerConfig:
         interval_s=tariff.demand_interval_min * 60.0,
         history_s=settings.history_days * 86400.0,
         min_history_s=min(86400.0, settings.history_days * 86400.0),
-        extension_s=settings.extension_min * 60.0,
         cap_margin_kw=settings.cap_margin_kw,
         energy_price_per_kwh=tuple(tariff.energy_price_per_kwh),
         daily_cycle_budget=tariff.daily_cycle_budget,

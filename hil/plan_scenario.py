@@ -45,8 +45,6 @@ class Planner(_Strict):
     history_days: float = Field(default=7.0, gt=0, le=60)
     #: Days simulated before the run so that the forecasts and the history optimum are warm.
     warmup_days: float = Field(default=7.0, ge=0, le=60)
-    #: How long the outlook keeps the forecast's median at one hour before the history profile.
-    extension_min: float = Field(default=0.0, ge=0, le=1440)
     cap_margin_kw: float = Field(default=0.0, ge=0)
     self_consumption: bool = True
     #: Grid import the fast loop adds to recharge below the SoC band.

@@ -201,6 +201,45 @@ def test_forecaster_learns_hint_weight():
     assert hinted.point_kw[-1] - quiet == pytest.approx(70.0, abs=8.0)
 
 
+def test_forecaster_unseen_level_is_persistence():
+    """A level the fitted history never visited gets persistence, not an extrapolation."""
+    rng = np.random.default_rng(2)
+    forecaster = Forecaster(ForecastConfig(name="wind", scale_kw=1000.0, upper_kw=1000.0))
+    # Two days swinging between 600 and 900 kW: levels 0 to 0.4 of the scale never occur.
+    steps = 2 * 1440
+    wind = 750.0 + 150.0 * np.sin(np.arange(steps) * 2 * np.pi / 300) + rng.normal(0, 5, steps)
+    for i, value in enumerate(wind):
+        forecaster.update(T0 + i * 60, value)
+    assert forecaster.fitted
+    seen = forecaster.update(T0 + steps * 60, 750.0)
+    assert seen.method == "regression"
+    calm = forecaster.update(T0 + (steps + 1) * 60, 50.0)
+    assert calm.method == "persistence"
+    assert calm.point_kw.tolist() == [50.0] * 4
+
+
+def test_fit_horizon_rejects_model_losing_to_persistence():
+    """A fit that loses to persistence on the held-out rows falls back to the change quantiles."""
+    forecaster = Forecaster(ForecastConfig(name="load", scale_kw=1000.0))
+    rows = 400
+    x = np.zeros((rows, 12))
+    x[:, 0] = 1.0  # one level column, always fully on
+    x[:, 6] = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0)
+    # The first 75 % of the rows change by +0.1 * x6, the held-out 25 % by -0.1 * x6: the
+    # fitted slope doubles the held-out error (0.2 against persistence's 0.1).
+    target = 0.1 * x[:, 6] * np.where(np.arange(rows) < 300, 1.0, -1.0)
+    beats, weights = forecaster._fit_horizon(x, target)
+    assert not beats
+    # Level columns carry the quantiles 0.1, 0.5, 0.9 of the change (half -0.1, half +0.1).
+    assert weights[0].tolist() == pytest.approx(np.quantile(target, (0.1, 0.5, 0.9)).tolist())
+    assert np.all(weights[6:] == 0.0)
+
+    # The same slope all along: the model wins and keeps it.
+    beats, weights = forecaster._fit_horizon(x, 0.1 * x[:, 6])
+    assert beats
+    assert weights[6, 1] == pytest.approx(0.1, abs=1e-3)
+
+
 def test_latest_features_match_design():
     forecaster = Forecaster(ForecastConfig(name="wind", scale_kw=1000.0))
     rng = np.random.default_rng(3)

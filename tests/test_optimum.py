@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.plan.battery import BatterySpec
-from gateway.plan.optimum import hold_cap, interval_means_kw, optimal_peak
+from gateway.plan.optimum import (
+    hold_cap,
+    interval_means_kw,
+    optimal_peak,
+    optimal_peaks,
+    required_energy_kwh,
+)
 
 HOUR = 3600.0
 
@@ -144,3 +150,69 @@ def test_optimum_is_tight(loads, energy, power, efficiency, soc):
         assert not hold_cap(means, lower, battery, soc).feasible
     bigger = BatterySpec(2 * energy, power, power, efficiency, efficiency)
     assert optimal_peak(means, 900.0, bigger, soc).peak_kw <= result.peak_kw + result.tolerance_kw
+
+
+def test_optimal_peaks_rows():
+    # Row 0: the energy-limited hour (900 kW, see above); row 1: two peaks with recharge
+    # between them (2600 / 3 kW). Interval means of 15 minutes.
+    small = BatterySpec(energy_kwh=100, discharge_kw=1000, charge_kw=1000)
+    rows = np.array(
+        [[500.0] * 4 + [1000.0] * 4 + [500.0] * 4, [1000.0] * 4 + [800.0] * 4 + [1000.0] * 4]
+    )
+    two = BatterySpec(energy_kwh=200, discharge_kw=1000, charge_kw=1000)
+    assert optimal_peaks(rows[:1], small, 100)[0] == pytest.approx(900.0, abs=0.5)
+    assert optimal_peaks(rows[1:], two, 100)[0] == pytest.approx(2600 / 3, abs=0.5)
+    both = optimal_peaks(rows, two, 100)
+    assert both[0] == pytest.approx(800.0, abs=0.5)
+    assert both[1] == pytest.approx(2600 / 3, abs=0.5)
+
+
+def test_optimal_peaks_rejects_bad_input():
+    battery = BatterySpec(energy_kwh=100, discharge_kw=100, charge_kw=100)
+    with pytest.raises(ValueError, match="finite"):
+        optimal_peaks(np.array([[1.0, np.nan]]), battery, 50)
+    with pytest.raises(ValueError, match="non-empty"):
+        optimal_peaks(np.empty((1, 0)), battery, 50)
+    with pytest.raises(ValueError, match="tolerance_kw=0"):
+        optimal_peaks(np.ones((1, 4)), battery, 50, tolerance_kw=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.floats(0, 2000), min_size=6, max_size=6), min_size=1, max_size=4
+    ),
+    energy=st.floats(1, 2000),
+    power=st.floats(0, 1500),
+    efficiency=st.floats(0.5, 1.0),
+    soc=st.floats(0, 100),
+    offset=st.floats(-50, 50),
+)
+def test_optimal_peaks_match_bisection(rows, energy, power, efficiency, soc, offset):
+    """Each row's result is feasible and within the tolerance of the bisection's, guessed or not."""
+    battery = BatterySpec(energy, power, power, efficiency, efficiency)
+    means = np.asarray(rows)
+    exact = np.array([optimal_peak(row, 900.0, battery, soc, tolerance_kw=0.01).schedule.cap_kw
+                      for row in means])
+    for guess in (None, exact + offset):
+        found = optimal_peaks(means, battery, soc, guess_kw=guess)
+        for row, cap in zip(means, found, strict=True):
+            assert hold_cap(row, cap, battery, soc).feasible
+        assert np.all(found >= exact - 0.02)
+        assert np.all(found <= exact + 0.5 + 0.02)
+
+
+def test_required_energy_with_recharge():
+    # Two 1-h peaks at 1000 kW with 1 h at 800 kW between them, cap 2600 / 3 kW: each peak
+    # takes 133.3 kWh, and the gap refills 66.7 kWh when recharging may use the room under
+    # the cap, so 200 kWh must be stored now. Without recharge both peaks come from storage:
+    # 266.7 kWh, more than the 200 kWh band holds, so the need stops at 200.
+    battery = BatterySpec(energy_kwh=200, discharge_kw=1000, charge_kw=1000)
+    row = np.array([1000.0] * 4 + [800.0] * 4 + [1000.0] * 4)
+    assert required_energy_kwh(row, 2600 / 3, battery, 1000.0)[0] == pytest.approx(200.0)
+    big = BatterySpec(energy_kwh=400, discharge_kw=1000, charge_kw=1000)
+    assert required_energy_kwh(row, 2600 / 3, big, 0.0)[0] == pytest.approx(800.0 / 3)
+    # A 40 kW recharge over the 1-h gap refills 40 kWh.
+    assert required_energy_kwh(row, 2600 / 3, big, 40.0)[0] == pytest.approx(800.0 / 3 - 40.0)
+    # Below the cap all day: nothing to store.
+    assert required_energy_kwh(row, 1000.0, big, 40.0)[0] == 0.0

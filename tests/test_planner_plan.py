@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def test_plan_cold_start_uses_initial_cap():
     plan, state = plan_step(_config(), PlannerState(), _inputs())
     assert plan.cap_kw == 800.0
     assert plan.billing_cap_kw == 800.0
-    assert plan.reason.startswith("history optimum")
+    assert plan.reason.startswith("initial cap")
     assert state.last_plan == plan
 
 
@@ -98,33 +99,65 @@ def test_plan_history_optimum():
     # to 900 kW, so the history optimum is 900 kW.
     history = np.full(96, 500.0)
     history[40:44] = 1000.0
-    config = _config()
+    config = _config(history_floor=True)
     state = seed_history(config, PlannerState(), history, last_index=int(T0 // 900) - 1)
     plan, state = plan_step(config, state, _inputs(now=T0 + 60))
     assert state.prior_cap_kw == pytest.approx(900.0, abs=0.6)
     assert plan.billing_cap_kw == pytest.approx(900.0, abs=0.6)
 
 
-def test_plan_outlook_uses_history_profile():
-    # History: every day 1000 kW from 10:00 to 12:00, else 500 kW. At 09:00 the forecast
-    # hour is quiet, but the outlook contains two hours at 1000 kW: 100 kWh over 2 h lets the
-    # cap hold at 950 kW, above the 900 kW the quiet hour alone would suggest.
-    day = np.full(96, 500.0)
-    day[40:48] = 1000.0
-    config = _config(initial_cap_kw=600.0, history_quantile=0.5)
-    state = seed_history(config, PlannerState(), np.tile(day, 2), last_index=int(T0 // 900) - 1)
-    now = T0 + 9 * 3600.0
+def _state_with_history(config, now, history):
+    """State one minute into an interval, whose history ends with the interval before it."""
+    last_index = int(now // 900) - 1
+    state = seed_history(config, PlannerState(), np.asarray(history), last_index=last_index)
+    return replace(state, prior_cap_kw=config.initial_cap_kw, prior_at_utc=now)
+
+
+def test_plan_need_from_past_days():
+    """Each past day is a scenario; the need is the chosen quantile of their caps."""
+    # Yesterday ran at 1000 kW from 10:00 to 12:00, else 500 kW; the day before at 500 kW
+    # all day, and so did today until now (09:01). Today matches both days (no anomaly),
+    # and the forecast hour is quiet. One more interval in front lets the oldest day's
+    # anomaly compare 08:45 with 08:45.
+    busy = np.full(96, 500.0)
+    busy[40:48] = 1000.0
+    history = np.concatenate([[500.0], np.full(96, 500.0), busy, np.full(36, 500.0)])
+    now = T0 + 9 * 3600.0 + 60.0
     inputs = _inputs(now=now, load_forecast=_forecast([500.0] * 4, t=now))
-    state = PlannerState(
-        history_net_kw=state.history_net_kw,
-        history_renewable_kw=state.history_renewable_kw,
-        interval_index=int(now // 900) - 1,
-        prior_cap_kw=600.0,
-        prior_at_utc=now,
+    needs = {}
+    for quantile in (0.0, 1.0):
+        config = _config(initial_cap_kw=400.0, need_quantile=quantile)
+        plan, _ = plan_step(config, _state_with_history(config, now, history), inputs)
+        assert plan.reason.startswith("forecast need")
+        needs[quantile] = plan.billing_cap_kw
+    # Yesterday's scenario: 100 kWh over the 2 h at 1000 kW holds 950 kW.
+    assert needs[1.0] == pytest.approx(950.0, abs=0.6)
+    # The quiet day's: 100 kWh spread over the outlook's 24 h at 500 kW: 500 - 100 / 24 kW.
+    assert needs[0.0] == pytest.approx(500.0 - 100.0 / 24.0, abs=0.6)
+
+
+def test_plan_need_adds_anomaly():
+    """A day running above its past days shifts their scenarios by the difference."""
+    busy = np.full(96, 500.0)
+    busy[40:48] = 1000.0
+    # Today's last interval (08:45) ran at 700 kW against yesterday's 500 kW: an anomaly
+    # of +200 kW, which a very long time constant keeps for the whole outlook.
+    history = np.concatenate([busy, np.full(35, 500.0), [700.0]])
+    now = T0 + 9 * 3600.0 + 60.0
+    config = _config(initial_cap_kw=400.0, anomaly_tau_s=1e12)
+    inputs = _inputs(now=now, net=700.0, load_forecast=_forecast([700.0] * 4, t=now))
+    plan, _ = plan_step(config, _state_with_history(config, now, history), inputs)
+    # The scenario: 1200 kW for 2 h, 700 kW otherwise; 100 kWh over 2 h holds 1150 kW.
+    assert plan.billing_cap_kw == pytest.approx(1150.0, abs=0.6)
+
+    # With the default 4-h time constant, interval j of the day (0 = the current one) carries
+    # 200 * exp(-(j + 1) / 16) kW of it. The block is intervals 4 to 11, so the cap C solves
+    # sum((1000 + 200 * exp(-(j + 1) / 16) - C) * 0.25 h) = 100 kWh over them.
+    expected = (sum(1000.0 + 200.0 * math.exp(-(j + 1) / 16) for j in range(4, 12)) - 400.0) / 8
+    faded, _ = plan_step(
+        _config(initial_cap_kw=400.0), _state_with_history(config, now, history), inputs
     )
-    plan, _ = plan_step(config, state, inputs)
-    assert plan.reason.startswith("forecast need")
-    assert plan.billing_cap_kw == pytest.approx(950.0, abs=0.6)
+    assert faded.billing_cap_kw == pytest.approx(expected, abs=0.6)
 
 
 def test_plan_demand_response_event():

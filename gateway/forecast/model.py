@@ -47,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 _HAT_KNOTS = np.linspace(0.0, 1.0, 6)
 _HAT_WIDTH = 0.2
+#: A level column needs this many rows' worth of weight in the fitted history (and at
+#: least this share of the rows) before the model may forecast from that level.
+_MIN_LEVEL_ROWS = 30.0
+_MIN_LEVEL_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class ForecastConfig:
     fit_stride_s: float = 300.0
     use_hints: bool = False
     cold_spread_fraction: float = 0.1
+    #: Share of the fitted history, the most recent part, held out to check each horizon's
+    #: model against persistence before it is used.
+    validation_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +100,10 @@ class ForecastConfig:
             problems.append(f"quantiles {quantiles} must lie strictly between 0 and 1")
         if not self.lower_kw < self.upper_kw:
             problems.append(f"lower_kw={self.lower_kw} must be below upper_kw={self.upper_kw}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            problems.append(
+                f"validation_fraction={self.validation_fraction} must be between 0 and 1"
+            )
         if self.min_fit_s > self.history_s:
             problems.append(
                 f"min_fit_s={self.min_fit_s} exceeds history_s={self.history_s}; "
@@ -183,6 +194,10 @@ class Forecaster:
         self._weights: np.ndarray | None = None  # (horizons, features, quantiles)
         self._fit_tried_at: float | None = None
         self._fit_failing = False
+        #: Horizons whose model lost to persistence at the last fit.
+        self._rejected_horizons_s: tuple[float, ...] = ()
+        #: Per level column, whether the fitted history visited that level often enough.
+        self._level_known = np.ones(_HAT_KNOTS.size, dtype=bool)
 
     @property
     def fitted(self) -> bool:
@@ -326,7 +341,15 @@ class Forecaster:
         stride = max(config.steps(config.fit_stride_s), 1)
         rows = np.arange(y.size - 1, -1, -stride)[::-1]
         base = self._design(y, rows, t0)
+        # Levels the history barely visits leave their column's weight to chance (a week of
+        # strong wind says nothing about the first hour after a calm), so those columns are
+        # left out of the fit, and predict() falls back to persistence at such a level.
+        hats = np.nan_to_num(base[:, : _HAT_KNOTS.size])
+        support = hats.sum(axis=0)
+        level_known = support >= max(_MIN_LEVEL_ROWS, _MIN_LEVEL_SHARE * rows.size)
+        base[:, : _HAT_KNOTS.size] *= level_known[None, :]
         weights = []
+        rejected = []
         for index, k in enumerate(self._horizon_steps):
             usable = rows[rows + k < y.size]
             x = base[: usable.size]
@@ -346,17 +369,53 @@ class Forecaster:
                     )
                 self._fit_failing = True
                 return False
-            weights.append(
-                np.stack([fit_quantile(x[good], target[good], q) for q in config.quantiles], axis=1)
-            )
+            beats, horizon_weights = self._fit_horizon(x[good], target[good])
+            weights.append(horizon_weights)
+            if not beats:
+                rejected.append(config.horizons_s[index])
         if self._weights is None or self._fit_failing:
             log.info("forecast_fitted", forecast=config.name, history_steps=int(y.size))
+        if tuple(rejected) != self._rejected_horizons_s:
+            log.info(
+                "forecast_model_rejected" if rejected else "forecast_model_accepted",
+                forecast=config.name,
+                persistence_horizons_s=rejected,
+                reason="the fitted median did not beat persistence on the held-out history",
+            )
+            self._rejected_horizons_s = tuple(rejected)
         self._weights = np.stack(weights)
+        self._level_known = level_known
         self._fit_failing = False
         return True
 
+    def _fit_horizon(self, x: np.ndarray, target: np.ndarray) -> tuple[bool, np.ndarray]:
+        """Fit one horizon's quantile weights; return whether the model beat persistence.
+
+        The median is first fitted without the most recent ``validation_fraction``
+        of the rows and scored on them. If its mean absolute error there is not
+        below persistence's, a short or unusual history has misled it (a week
+        that happened to hold one big wind ramp, say), and the horizon falls
+        back to persistence: the weights then only add the history's quantiles
+        of the change, through the level columns, which sum to one.
+        """
+        quantiles = self.config.quantiles
+        split = round(x.shape[0] * (1.0 - self.config.validation_fraction))
+        trial = fit_quantile(x[:split], target[:split], 0.5)
+        model_error = float(np.mean(np.abs(target[split:] - x[split:] @ trial)))
+        persistence_error = float(np.mean(np.abs(target[split:])))
+        if model_error < persistence_error:
+            return True, np.stack([fit_quantile(x, target, q) for q in quantiles], axis=1)
+        weights = np.zeros((x.shape[1], len(quantiles)))
+        weights[: _HAT_KNOTS.size] = np.quantile(target, quantiles)[None, :]
+        return False, weights
+
     def predict(self) -> Forecast:
-        """Forecast from the last recorded value; persistence while unfitted or across gaps."""
+        """Forecast from the last recorded value.
+
+        The forecast is persistence (plus hinted starts minus stops) while the
+        model is unfitted, across gaps, and at a level the fitted history
+        barely visited.
+        """
         config = self.config
         if self._count == 0:
             raise ValueError(f"forecast {config.name!r} has no history yet; call update() first")
@@ -366,7 +425,8 @@ class Forecaster:
         hint_row = self._hint[self._count - 1]
         features = self._latest_features(y)
         method = "persistence"
-        if self._weights is not None and np.all(np.isfinite(features)):
+        level_known = not np.any(features[: _HAT_KNOTS.size][~self._level_known] > 0)
+        if self._weights is not None and np.all(np.isfinite(features)) and level_known:
             values = np.empty((len(config.quantiles), len(config.horizons_s)))
             for index in range(len(config.horizons_s)):
                 x = features

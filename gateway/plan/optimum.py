@@ -137,6 +137,130 @@ def hold_cap(
     return CapSchedule(cap_kw, first_break < 0, grid, power, stored, first_break)
 
 
+def feasible_caps(
+    interval_kw: np.ndarray,
+    caps_kw: np.ndarray,
+    battery: BatterySpec,
+    soc_initial_pct: float,
+    interval_s: float = DEMAND_INTERVAL_S,
+) -> np.ndarray:
+    """Return, for each row of ``interval_kw`` and each of its caps, whether the cap holds.
+
+    ``interval_kw`` has shape (rows, intervals) and ``caps_kw`` shape (rows,
+    caps). Each entry runs the same greedy pass as :func:`hold_cap`, all at
+    once with numpy, so many traces and caps cost one loop over the intervals.
+    """
+    hours = interval_s / 3600.0
+    e_min, e_max = battery.e_min_kwh, battery.e_max_kwh
+    # Interval first, so that each step of the loop reads contiguous memory.
+    excess_kw = interval_kw.T[:, :, None] - caps_kw[None, :, :]
+    # Per interval, what holding the cap asks of the battery in kW: discharge above the cap
+    # (within the PCS rating), recharge below it.
+    asked_out_kw = np.clip(excess_kw, 0.0, battery.discharge_kw)
+    asked_in_kw = np.clip(-excess_kw, 0.0, battery.charge_kw)
+    unmet_kw = excess_kw - asked_out_kw
+    out_per_kwh = battery.discharge_efficiency / hours
+    in_per_kwh = 1.0 / (battery.charge_efficiency * hours)
+    energy = np.full(caps_kw.shape, battery.energy_at_kwh(soc_initial_pct))
+    given_kw = np.empty(caps_kw.shape)
+    taken_kw = np.empty(caps_kw.shape)
+    shortfall_kw = np.max(unmet_kw, axis=0)
+    for out_kw, in_kw in zip(asked_out_kw, asked_in_kw, strict=True):
+        # The most the battery can give, and take, in this interval, as a mean power.
+        np.maximum(energy - e_min, 0.0, out=given_kw)
+        np.minimum(out_kw, given_kw * out_per_kwh, out=given_kw)
+        np.maximum(shortfall_kw, out_kw - given_kw, out=shortfall_kw)
+        np.maximum(e_max - energy, 0.0, out=taken_kw)
+        np.minimum(in_kw, taken_kw * in_per_kwh, out=taken_kw)
+        energy -= given_kw / out_per_kwh
+        energy += taken_kw / in_per_kwh
+    return shortfall_kw <= 1e-9
+
+
+def optimal_peaks(
+    interval_kw: np.ndarray,
+    battery: BatterySpec,
+    soc_initial_pct: float,
+    *,
+    interval_s: float = DEMAND_INTERVAL_S,
+    tolerance_kw: float = 0.5,
+    grid_points: int = 64,
+    guess_kw: np.ndarray | None = None,
+) -> np.ndarray:
+    """Find the lowest cap the battery can hold on each row of ``interval_kw`` (interval means).
+
+    The result is at most ``tolerance_kw`` above each row's optimum, like
+    :func:`optimal_peak` gives for one trace. Instead of bisecting, each pass
+    tries ``grid_points`` caps spread over every row's bracket and keeps the
+    step in which the lowest feasible one lies, so the bracket shrinks by
+    ``grid_points - 1`` per pass. ``guess_kw``, one value per row (such as
+    the last minute's result), puts the first pass's caps within
+    ``grid_points / 2 * tolerance_kw`` of it, so a guess that close ends the
+    search in one pass. The planner calls this every minute on a few traces
+    of a day each.
+    """
+    rows = np.atleast_2d(np.asarray(interval_kw, dtype=float))
+    if rows.size == 0 or not np.all(np.isfinite(rows)):
+        raise ValueError("interval_kw must be a non-empty array of finite interval means")
+    if not tolerance_kw > 0 or grid_points < 4:
+        raise ValueError(
+            f"tolerance_kw={tolerance_kw} must be > 0 and grid_points={grid_points} >= 4"
+        )
+    high = rows.max(axis=1)
+    # No cap below "peak minus full discharge power" is feasible; the row's peak always is.
+    low = high - battery.discharge_kw
+    index = np.arange(rows.shape[0])
+    caps = None
+    if guess_kw is not None and np.shape(guess_kw) == high.shape:
+        # The bracket's ends, and between them caps one tolerance apart around the guess.
+        steps = (np.arange(grid_points - 2) - (grid_points - 3) / 2.0) * tolerance_kw
+        near = np.clip(np.asarray(guess_kw, dtype=float)[:, None] + steps[None, :], low[:, None],
+                       high[:, None])
+        caps = np.concatenate([low[:, None], near, high[:, None]], axis=1)
+    fractions = np.linspace(0.0, 1.0, grid_points)
+    while np.any(high - low > tolerance_kw):
+        if caps is None:
+            caps = low[:, None] + (high - low)[:, None] * fractions[None, :]
+        feasible = feasible_caps(rows, caps, battery, soc_initial_pct, interval_s)
+        # The last cap (the bracket's top) is feasible, so argmax finds a feasible one.
+        first = np.argmax(feasible, axis=1)
+        high = caps[index, first]
+        low = np.where(first == 0, high, caps[index, np.maximum(first - 1, 0)])
+        caps = None
+    return high
+
+
+def required_energy_kwh(
+    interval_kw: np.ndarray,
+    cap_kw: float,
+    battery: BatterySpec,
+    recharge_kw: float,
+    interval_s: float = DEMAND_INTERVAL_S,
+) -> np.ndarray:
+    """Return the stored energy above ``soc_min_pct`` that each row needs now to hold ``cap_kw``.
+
+    ``interval_kw`` has shape (rows, intervals). The pass runs backwards:
+    an interval above the cap adds what the battery gives there, and one
+    below it takes off what recharging at up to ``recharge_kw`` under the
+    cap stores there. The need never drops below zero, and never rises above
+    the usable band, which is where a cap that cannot be held ends up.
+    """
+    rows = np.atleast_2d(np.asarray(interval_kw, dtype=float))
+    hours = interval_s / 3600.0
+    usable_kwh = battery.e_max_kwh - battery.e_min_kwh
+    charge_kw = min(recharge_kw, battery.charge_kw)
+    excess_kw = rows - cap_kw
+    drawn = np.clip(excess_kw, 0.0, battery.discharge_kw) * (hours / battery.discharge_efficiency)
+    stored = np.clip(-excess_kw, 0.0, charge_kw) * (hours * battery.charge_efficiency)
+    change_kwh = np.ascontiguousarray((drawn - stored).T)
+    need = np.zeros(rows.shape[0])
+    for step_kwh in change_kwh[::-1]:
+        need += step_kwh
+        np.maximum(need, 0.0, out=need)
+        np.minimum(need, usable_kwh, out=need)
+    return need
+
+
 def optimal_peak(
     power_kw: np.ndarray,
     dt_s: float,

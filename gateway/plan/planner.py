@@ -10,26 +10,25 @@ mean import of the billing period (a calendar month, UTC), so:
 
 1. The cap never goes below the billing peak already measured this period:
    a lower cap would cost battery energy and save nothing.
-2. It never goes below the *history optimum*: the lowest peak the battery
-   could have held over the last days of measured load, with perfect
-   hindsight (:func:`~gateway.plan.optimum.optimal_peak`). The forecast
-   reaches one hour ahead, but peaks last longer, and the recent past shows
-   which level the battery can defend. By default the history is the load without the
-   renewables (``prior_without_renewables``).
-3. It rises above both when the *outlook* needs more energy than the
-   battery has above its reserve (the *forecast need*). The outlook is the
-   forecast's upper net load for the next hour (upper load quantile minus
-   lower renewable quantile). After that, up to ``outlook_s``, it is the
-   ``history_quantile`` of the load at the same time of day on the past
-   days, minus the lower renewable forecast at one hour fading with time
-   constant ``renewable_fade_s``. Peaks last longer than the forecast's
-   hour, so a cap that only looked an hour ahead would empty the battery
-   early in a long peak and then break.
+2. Otherwise it is the *forecast need*: the lowest cap the battery, at its
+   present SoC, could hold through the outlook. The outlook
+   (:mod:`gateway.plan.outlook`) reaches a day ahead as one net-load
+   scenario per past day of history, so the need is found per scenario
+   (:func:`~gateway.plan.optimum.optimal_peaks`) and the cap takes their
+   ``need_quantile``. Recomputed every minute with the SoC measured then, the
+   cap rises step by step when the battery drains faster than the outlook
+   expected, instead of holding until the reserve and then jumping.
+3. With ``history_floor`` it also never goes below the *history optimum*:
+   the lowest peak the battery could have held over the last days of
+   measured load, with perfect hindsight. Until a day of history exists,
+   ``initial_cap_kw`` stands in for the outlook's past days.
 
 The SoC band sets where the fast loop recharges and where it derates.
-Its lower edge is the reserve plus the energy that the forecast says the
-cap will need, less the renewable surplus expected in the hour, so the
-battery is charged from surplus before the grid. While the load is at the
+Its lower edge is the reserve plus the energy that holding the cap through
+the outlook needs now (:func:`~gateway.plan.optimum.required_energy_kwh`,
+the same quantile across scenarios, counting recharge under the cap later
+on), less the renewable surplus expected in the hour, so the battery is
+charged from surplus before the grid. While the load is at the
 cap the lower edge drops to the reserve, because the fast loop derates
 discharge below it.
 
@@ -58,7 +57,14 @@ import structlog
 from gateway.forecast.model import Forecast
 from gateway.plan.battery import BatterySpec
 from gateway.plan.events import DemandResponseEvent
-from gateway.plan.optimum import DEMAND_INTERVAL_S, hold_cap, optimal_peak
+from gateway.plan.optimum import (
+    DEMAND_INTERVAL_S,
+    hold_cap,
+    optimal_peak,
+    optimal_peaks,
+    required_energy_kwh,
+)
+from gateway.plan.outlook import build_outlook, history_capacity
 
 log = structlog.get_logger(__name__)
 
@@ -84,18 +90,18 @@ class PlannerConfig:
     #: predicts nothing about this period's, so the net history would promise a cap that a
     #: calm day cannot keep.
     prior_without_renewables: bool = True
-    #: How far the outlook reaches: the forecast's hour, then the history profile.
-    outlook_s: float = 12 * 3600.0
-    #: Quantile across past days of the load at the same time of day. On the nordic-week
-    #: replay the median gave a capture ratio of 0.52 and 0.75 gave 0.50.
-    history_quantile: float = 0.5
+    #: Keep the cap at or above the history optimum. Off by default: on the nordic-week
+    #: replay the floor held the cap below what the spell of that week needed.
+    history_floor: bool = False
+    #: How far the outlook reaches (at most a day): the forecast's hour, then past days.
+    outlook_s: float = 24 * 3600.0
+    #: Quantile, across the outlook's scenarios, of the cap each scenario needs.
+    need_quantile: float = 0.75
+    #: Time constant with which today's load anomaly against each past day fades.
+    anomaly_tau_s: float = 4 * 3600.0
     #: Time constant with which the outlook lets the renewable output fade after the hour.
     renewable_fade_s: float = 6 * 3600.0
-    #: After the forecast's hour, the outlook keeps the median at its last horizon for this
-    #: long, as a floor under the history profile. On the nordic-week replay holds of 1 and
-    #: 2 hours lowered the capture ratio from 0.52 to 0.47 and 0.48, so the default is 0.
-    extension_s: float = 0.0
-    #: Without a day of history, the outlook keeps that median this long instead.
+    #: Without a day of history, the outlook holds the forecast's median at 1 h this long.
     fallback_hold_s: float = 2 * 3600.0
     #: Kept between the planned cap and the fast loop's, for meter error and 1-minute lag.
     cap_margin_kw: float = 0.0
@@ -129,9 +135,22 @@ class PlannerConfig:
             problems.append(
                 f"min_history_s={self.min_history_s} exceeds history_s={self.history_s}"
             )
-        for name in ("interval_s", "prior_refresh_s", "drain_s", "ramp_limit_kw_per_s"):
+        for name in (
+            "interval_s",
+            "prior_refresh_s",
+            "drain_s",
+            "ramp_limit_kw_per_s",
+            "anomaly_tau_s",
+            "renewable_fade_s",
+        ):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)} must be > 0")
+        if not 4 * self.interval_s <= self.outlook_s <= 86400.0:
+            problems.append(
+                f"outlook_s={self.outlook_s} must cover the forecast's hour and at most a day"
+            )
+        if not 0.0 <= self.need_quantile <= 1.0:
+            problems.append(f"need_quantile={self.need_quantile} must be in [0, 1]")
         if problems:
             raise ValueError("invalid planner configuration: " + "; ".join(problems))
 
@@ -191,80 +210,11 @@ class PlannerState:
     prior_at_utc: float = -math.inf
     day: int | None = None
     discharged_kwh_today: float = 0.0
+    #: The cap each outlook scenario needed at the last plan, the next search's starting guess.
+    scenario_needs_kw: tuple[float, ...] = ()
     #: Baseline fixed at each demand-response event's start, by event id.
     dr_baselines: dict[str, float] = field(default_factory=dict)
     last_plan: Plan | None = None
-
-
-@dataclass(frozen=True)
-class _Outlook:
-    """Net-load forecast per demand interval: the forecast's hour, then the history profile."""
-
-    point_kw: np.ndarray
-    upper_kw: np.ndarray
-    #: Renewable surplus (negative net load) expected within the hour, in kWh.
-    surplus_kwh: float
-
-
-def _outlook(config: PlannerConfig, state: PlannerState, inputs: PlannerInputs) -> _Outlook:
-    """Turn the forecasts and the history into 15-minute net-load means ahead.
-
-    Each forecast horizon stands for the interval that ends there. Without a
-    load forecast the last measured net load is carried forward.
-    """
-    last_net = inputs.net_load_kw if inputs.net_load_kw is not None else 0.0
-    load_fc, wind_fc = inputs.load_forecast, inputs.renewable_forecast
-    if load_fc is None:
-        point = np.full(4, last_net)
-        upper = point.copy()
-    else:
-        horizons = np.asarray(load_fc.horizons_s)
-        ends_s = np.arange(1, 5) * config.interval_s
-        pick = np.clip(np.searchsorted(horizons, ends_s - 1e-6), 0, horizons.size - 1)
-        point = load_fc.point_kw[pick].copy()
-        upper = load_fc.upper_kw[pick].copy()
-        if wind_fc is not None:
-            wind_h = np.asarray(wind_fc.horizons_s)
-            wind_pick = np.clip(np.searchsorted(wind_h, ends_s - 1e-6), 0, wind_h.size - 1)
-            point -= wind_fc.point_kw[wind_pick]
-            upper -= wind_fc.lower_kw[wind_pick]
-    surplus = float(np.clip(-point, 0.0, None).sum() * config.interval_s / 3600.0)
-    # Past the hour the median is kept: an upper quantile kept for hours is far too pessimistic.
-    level = point[-1]
-    profile = _history_profile(config, state, point.size)
-    if profile is None:
-        profile = np.full(max(round(config.fallback_hold_s / config.interval_s), 0), level)
-    else:
-        if wind_fc is not None:
-            renewable_kw = float(wind_fc.lower_kw[-1])
-        else:
-            renewable_kw = inputs.renewable_kw or 0.0
-        after_s = (np.arange(profile.size) + 1) * config.interval_s
-        profile = profile - renewable_kw * np.exp(-after_s / config.renewable_fade_s)
-        kept = max(round(config.extension_s / config.interval_s), 0)
-        profile[:kept] = np.maximum(profile[:kept], level)
-    point = np.concatenate([point, profile])
-    upper = np.concatenate([upper, profile])
-    return _Outlook(point, upper, surplus)
-
-
-def _history_profile(config: PlannerConfig, state: PlannerState, skip: int) -> np.ndarray | None:
-    """Return the history quantile of the load for the outlook's intervals after the first ``skip``.
-
-    None when the history covers less than one day.
-    """
-    per_day = round(86400.0 / config.interval_s)
-    history = np.asarray(state.history_net_kw) + np.asarray(state.history_renewable_kw)
-    days = history.size // per_day
-    if days < 1 or state.interval_index is None:
-        return None
-    # history[-1] is the interval before the current one (index interval_index - 1).
-    recent = history[-days * per_day :].reshape(days, per_day)
-    first_of_block = state.interval_index - days * per_day
-    count = max(round(config.outlook_s / config.interval_s) - skip, 0)
-    future = state.interval_index + skip + np.arange(count)
-    columns = (future - first_of_block) % per_day
-    return np.quantile(recent[:, columns], config.history_quantile, axis=0)
 
 
 def _accumulate(config: PlannerConfig, state: PlannerState, inputs: PlannerInputs) -> PlannerState:
@@ -288,7 +238,7 @@ def _accumulate(config: PlannerConfig, state: PlannerState, inputs: PlannerInput
     if state.interval_index is not None and index != state.interval_index and seconds > 0:
         if state.billing_month == month or state.billing_month is None:
             peak = max(peak, grid_s / seconds)
-        keep = round(config.history_s / config.interval_s)
+        keep = history_capacity(config)
         history = (*history, net_s / seconds)[-keep:]
         renewables = (*renewables, renewable_s / seconds)[-keep:]
         grid_s = net_s = renewable_s = seconds = 0.0
@@ -351,7 +301,7 @@ def seed_history(
     the last mean. The outlook needs it to line the history up with the time
     of day.
     """
-    keep = round(config.history_s / config.interval_s)
+    keep = history_capacity(config)
     net = np.asarray(net_kw_means, dtype=float)[-keep:]
     renewable = (
         np.zeros(net.size)
@@ -372,13 +322,6 @@ def seed_history(
         interval_index=index,
         prior_at_utc=-math.inf,
     )
-
-
-def _energy_needed_kwh(config: PlannerConfig, upper_kw: np.ndarray, cap_kw: float) -> float:
-    """Stored energy that holding ``cap_kw`` against ``upper_kw`` takes, ignoring recharge."""
-    hours = config.interval_s / 3600.0
-    excess = np.clip(upper_kw - cap_kw, 0.0, config.battery.discharge_kw)
-    return float(excess.sum() * hours / config.battery.discharge_efficiency)
 
 
 def _headroom_kw(
@@ -430,26 +373,30 @@ def plan_step(
     now = inputs.now_utc
     state = _accumulate(config, state, inputs)
     state = _refresh_prior(config, state, now)
-    outlook = _outlook(config, state, inputs)
+    outlook = build_outlook(config, state, inputs)
     soc = inputs.soc_pct
     if soc is not None and not (0.0 <= soc <= 100.0 and math.isfinite(soc)):
         soc = None
 
     # 1-3: the billing cap.
     terms = {"billing peak so far": state.billing_peak_kw}
-    terms["history optimum"] = (
-        state.prior_cap_kw if state.prior_cap_kw is not None else config.initial_cap_kw
-    )
+    if state.prior_cap_kw is None:
+        terms["initial cap"] = config.initial_cap_kw
+    elif config.history_floor or (soc is None and state.last_plan is None):
+        terms["history optimum"] = state.prior_cap_kw
+    needs = state.scenario_needs_kw
     if soc is not None:
-        need = optimal_peak(
-            outlook.upper_kw,
-            config.interval_s,
+        guess = np.asarray(needs) if len(needs) == outlook.scenarios_kw.shape[0] else None
+        needs = optimal_peaks(
+            outlook.scenarios_kw,
             battery,
             max(soc, battery.soc_min_pct),
             interval_s=config.interval_s,
             tolerance_kw=0.5,
+            guess_kw=guess,
         )
-        terms["forecast need"] = need.peak_kw
+        terms["forecast need"] = float(np.quantile(needs, config.need_quantile))
+        needs = tuple(needs.tolist())
     elif state.last_plan is not None:
         terms["SoC unavailable, last cap"] = state.last_plan.billing_cap_kw
     reason_key = max(terms, key=terms.get)
@@ -466,7 +413,7 @@ def plan_step(
             if event.event_id not in baselines:
                 recent = state.history_net_kw[-4:]
                 baselines[event.event_id] = (
-                    float(np.mean(recent)) if recent else float(outlook.point_kw[0])
+                    float(np.mean(recent)) if recent else float(outlook.hour_point_kw[0])
                 )
             event_cap = max(baselines[event.event_id] - event.reduce_kw, config.floor_kw + 1.0)
             if event_cap < cap:
@@ -479,7 +426,10 @@ def plan_step(
     baselines = {k: v for k, v in baselines.items() if any(e.event_id == k for e in inputs.events)}
 
     # SoC band: recharge toward what the cap and the events need, surplus first.
-    needed_kwh = _energy_needed_kwh(config, outlook.upper_kw, billing_cap) + dr_energy_kwh
+    scenario_kwh = required_energy_kwh(
+        outlook.scenarios_kw, billing_cap, battery, config.recharge_kw, config.interval_s
+    )
+    needed_kwh = float(np.quantile(scenario_kwh, config.need_quantile)) + dr_energy_kwh
     top = battery.soc_max_pct
     band_max = top
     recharge_kwh = max(needed_kwh - outlook.surplus_kwh * battery.charge_efficiency, 0.0)
@@ -495,8 +445,8 @@ def plan_step(
     band_min = min(band_min, top - config.soc_band_top_pct)
     # Recharging from the grid may only use room under the peak already paid for (or the
     # history optimum): a recharge that rises to a cap raised for the outlook sets a new peak.
-    paid_kw = max(state.billing_peak_kw, terms["history optimum"])
-    no_room = outlook.point_kw[0] + config.recharge_kw > paid_kw
+    paid_kw = max(state.billing_peak_kw, state.prior_cap_kw or config.initial_cap_kw)
+    no_room = outlook.hour_point_kw[0] + config.recharge_kw > paid_kw
     if at_cap or no_room:
         band_min = battery.soc_min_pct
     band_min = max(band_min, battery.soc_min_pct)
@@ -522,7 +472,7 @@ def plan_step(
     elif not budget_left:
         details.append("daily cycle budget used")
 
-    headroom = _headroom_kw(config, outlook.upper_kw, billing_cap, soc)
+    headroom = _headroom_kw(config, outlook.hour_upper_kw, billing_cap, soc)
     plan = Plan(
         cap_kw=round(cap, 3),
         floor_kw=config.floor_kw,
@@ -533,7 +483,9 @@ def plan_step(
         reason=f"{reason_key} ({', '.join(details)})",
     )
     _log_change(state.last_plan, plan, reason_key)
-    return plan, replace(state, dr_baselines=baselines, last_plan=plan)
+    return plan, replace(
+        state, scenario_needs_kw=needs, dr_baselines=baselines, last_plan=plan
+    )
 
 
 def _log_change(previous: Plan | None, plan: Plan, reason_key: str) -> None:
