@@ -97,8 +97,12 @@ class MeasurementStore:
         health.errors += 1
         health.errors_in_row += 1
         health.last_error = error
-        if health.up or health.errors == 1:
+        if health.up:
             log.error("device_down", device=name, role=health.role, error=error)
+        elif health.errors == 1 and not health.ever_up:
+            # At start every link is still connecting; the daemon's
+            # waiting_for_devices line names who has not answered yet.
+            log.info("device_not_answered_yet", device=name, role=health.role, error=error)
         health.up = False
 
     def reading(self, name: str, point: str, now_mono_s: float) -> Reading:

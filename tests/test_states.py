@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from drivers.quality import Quality, Reading
 from gateway.measurements import MeasurementStore
@@ -116,3 +117,23 @@ def test_measurements_bad_input():
         store.add_device("pcs", "pcs", stale_s=0.0)
     with pytest.raises(KeyError, match="known: grid"):
         store.reading("wind", "p_kw", 0.0)
+
+
+def test_measurements_log_down_only_after_up():
+    # A link that is still connecting at start is not an error: the first
+    # failure before any good read logs at info, a failure after one at error,
+    # and a device that stays down logs nothing more.
+    store = MeasurementStore()
+    store.add_device("grid", "grid_meter", 0.5)
+    with capture_logs() as logs:
+        store.mark_error("grid", "link is still connecting", 0.0)
+        store.mark_error("grid", "link is still connecting", 0.1)
+        store.mark_ok("grid", 0.2)
+        store.mark_error("grid", "timed out", 0.3)
+        store.mark_error("grid", "timed out", 0.4)
+    events = [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("device_")]
+    assert events == [
+        ("device_not_answered_yet", "info"),
+        ("device_up", "info"),
+        ("device_down", "error"),
+    ]
