@@ -331,29 +331,39 @@ class SiteConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_devices(self) -> SiteConfig:
+        """Check the devices against each other; raise one ValueError, one line per problem."""
+        problems = []
         names = [d.name for d in self.devices]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"device names must be unique; repeated: {', '.join(duplicates)}")
+            problems.append(f"device names must be unique; repeated: {', '.join(duplicates)}")
         if not any(d.role == "grid_meter" for d in self.devices):
-            raise ValueError("no device has role 'grid_meter'; the control law needs the grid power")
+            problems.append("no device has role 'grid_meter'; the control law needs the grid power")
         if not any(d.role == "pcs" for d in self.devices):
-            raise ValueError("no device has role 'pcs'; add at least one PCS to command")
+            problems.append("no device has role 'pcs'; add at least one PCS to command")
         bms_names = {d.name for d in self.devices if d.role == "bms"}
         for device in self.devices:
+            if device.role == "bms" and device.max_current_a is None:
+                problems.append(
+                    f"device {device.name!r} is a BMS without max_current_a; set it to the "
+                    "string's hardware current ceiling in A, which caps the BMS's limits"
+                )
             if device.bms is None:
                 continue
             if device.role != "pcs":
-                raise ValueError(
+                problems.append(
                     f"device {device.name!r} has bms = {device.bms!r} but role {device.role!r}; "
                     "only a PCS names the BMS of its battery string"
                 )
-            if device.bms not in bms_names:
+            elif device.bms not in bms_names:
                 known = ", ".join(sorted(bms_names)) or "none"
-                raise ValueError(
+                problems.append(
                     f"device {device.name!r} names bms = {device.bms!r}, which is not a device "
                     f"with role 'bms' (BMS devices: {known})"
                 )
+        if problems:
+            # _format_error prints each line of the message as its own error.
+            raise ValueError("\n".join(problems))
         return self
 
     def device(self, name: str) -> Device:
@@ -376,21 +386,27 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
-def _format_error(error: dict[str, Any], data: dict[str, Any]) -> str:
+def _format_error(error: dict[str, Any]) -> list[str]:
+    """Turn one pydantic error into printable lines, ``KEY.PATH: what is wrong; the fix``.
+
+    A model validator's message may hold several problems, one per line, and
+    each becomes its own line. The input of a table or list (a whole device,
+    or the whole file) is left out, because the key path already points to it.
+    """
     location = _format_location(error["loc"])
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":
-        return (
+        return [
             f"{location}: unknown key (value {value!r}); "
             "remove it or check its spelling against systemd/bessgw.example.toml"
-        )
+        ]
     if kind == "missing":
-        return f"{location}: required key is missing; add it"
-    message = error["msg"].removeprefix("Value error, ")
-    if kind in ("model_type", "dict_type") or isinstance(value, dict) and "ctx" not in error:
-        return f"{location}: {message}"
-    return f"{location}: invalid value {value!r}: {message}"
+        return [f"{location}: required key is missing; add it"]
+    messages = error["msg"].removeprefix("Value error, ").splitlines()
+    if kind in ("model_type", "dict_type") or isinstance(value, (dict, list)):
+        return [f"{location}: {message}" for message in messages]
+    return [f"{location}: invalid value {value!r}: {message}" for message in messages]
 
 
 def validate_config(data: dict[str, Any], path: str | Path = "<config>") -> SiteConfig:
@@ -398,7 +414,7 @@ def validate_config(data: dict[str, Any], path: str | Path = "<config>") -> Site
     try:
         return SiteConfig.model_validate(data)
     except ValidationError as err:
-        problems = [_format_error(e, data) for e in err.errors(include_url=False)]
+        problems = [line for e in err.errors(include_url=False) for line in _format_error(e)]
         raise ConfigError(path, problems) from err
 
 

@@ -68,3 +68,43 @@ def test_config_missing_file_and_bad_toml(tmp_path):
         load_config(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_write(tmp_path, "[site\nname="))
+
+
+def test_config_device_error_omits_input(tmp_path, capsys):
+    text = EXAMPLE.read_text(encoding="utf-8").replace(
+        'transport = { kind = "can", interface = "socketcan", channel = "can0", bitrate = 500000 }',
+        'transport = { kind = "tcp", host = "192.0.2.30" }',
+    )
+    assert main(["config", "check", str(_write(tmp_path, text))]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1].startswith("  devices[4]: device 'bms-1' has role 'bms' but transport kind")
+    assert "{" not in lines[1]
+
+
+def test_config_site_problems_all_listed(tmp_path, capsys):
+    text = EXAMPLE.read_text(encoding="utf-8")
+    text = text.replace('role = "grid_meter"', 'role = "facility_meter"')
+    text = text.replace('name = "wind"', 'name = "rack-01"')
+    text = text.replace("max_current_a = 1000.0", 'bms = "bms-1"')
+    assert main(["config", "check", str(_write(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    expected = [
+        "(top level): device names must be unique; repeated: rack-01",
+        "(top level): no device has role 'grid_meter'; the control law needs the grid power",
+        "(top level): device 'bms-1' is a BMS without max_current_a; set it to",
+        "(top level): device 'bms-1' has bms = 'bms-1' but role 'bms'; only a PCS names",
+    ]
+    for line in expected:
+        assert f"\n  {line}" in err
+    assert "4 error(s)" in err
+    assert "{" not in err
+
+
+def test_config_unknown_bms_name(tmp_path):
+    text = EXAMPLE.read_text(encoding="utf-8").replace('bms = "bms-1"', 'bms = "bms-9"')
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    assert info.value.problems == [
+        "(top level): device 'pcs-1' names bms = 'bms-9', which is not a device with role "
+        "'bms' (BMS devices: bms-1)"
+    ]
