@@ -418,13 +418,24 @@ def validate_config(data: dict[str, Any], path: str | Path = "<config>") -> Site
         raise ConfigError(path, problems) from err
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> SiteConfig:
-    """Read and validate the site configuration file."""
+def load_config(
+    path: str | Path = DEFAULT_CONFIG_PATH, *, missing_hint: str = "check the path"
+) -> SiteConfig:
+    """Read and validate the site configuration file.
+
+    ``missing_hint`` tells the user how to name another file when ``path``
+    does not exist, in the caller's terms (an option, an argument).
+    """
+    return validate_config(read_config_data(path, missing_hint=missing_hint), path)
+
+
+def read_config_data(path: str | Path, *, missing_hint: str = "check the path") -> dict[str, Any]:
+    """Read and parse the TOML file without validating it; raise :class:`ConfigError`."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError as err:
-        raise ConfigError(path, [f"{path}: file not found; pass --config FILE"]) from err
+        raise ConfigError(path, [f"{path}: file not found; {missing_hint}"]) from err
     except OSError as err:
         raise ConfigError(path, [f"{path}: cannot be read ({err.strerror}); check its permissions"]) from err
     try:
@@ -433,4 +444,4 @@ def load_config(path: str | Path = DEFAULT_CONFIG_PATH) -> SiteConfig:
         raise ConfigError(path, [f"{path}: not UTF-8 text at byte {err.start}; save it as UTF-8"]) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [f"{path}: not valid TOML: {err}"]) from err
-    return validate_config(data, path)
+    return data

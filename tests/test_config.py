@@ -108,3 +108,19 @@ def test_config_unknown_bms_name(tmp_path):
         "(top level): device 'pcs-1' names bms = 'bms-9', which is not a device with role "
         "'bms' (BMS devices: bms-1)"
     ]
+
+
+def test_config_missing_file_hints(tmp_path, capsys):
+    absent = str(tmp_path / "absent.toml")
+    assert main(["config", "check", absent]) == 2
+    err = capsys.readouterr().err
+    assert f"{absent}: file not found; check the FILE argument" in err
+    assert "--config" not in err
+
+    assert main(["run", "--config", absent]) == 2
+    err = capsys.readouterr().err
+    assert f"{absent}: file not found; pass the site file with --config FILE" in err
+
+    with pytest.raises(ConfigError) as info:
+        load_config(absent)
+    assert info.value.problems == [f"{absent}: file not found; check the path"]

@@ -1,4 +1,8 @@
-"""``bessgw config check FILE``: validate a site configuration and summarise it."""
+"""``bessgw config check FILE``: validate a site configuration and summarise it.
+
+The check loads every device profile as ``bessgw run`` does, so a file that
+passes here does not fail when the daemon starts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import sys
 from collections import Counter
 
 from gateway.cli import EXIT_OK, EXIT_USAGE
-from gateway.config import ConfigError, SiteConfig, load_config
+from gateway.config import ConfigError, SiteConfig
+from gateway.site_check import load_site_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +58,7 @@ def summarise(config: SiteConfig) -> str:
 
 def run_check(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
+        config = load_site_config(args.file, missing_hint="check the FILE argument")
     except ConfigError as err:
         print(f"{err.path}: {len(err.problems)} error(s)", file=sys.stderr)
         for problem in err.problems:

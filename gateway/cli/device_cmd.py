@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def find_device(config_path: str, name: str) -> tuple[Device, Profile]:
     """Return the configured Modbus device ``name`` and its loaded profile."""
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, missing_hint="pass the site file with --config FILE")
     except ConfigError as err:
         raise CliError(
             f"{err}\nfix the configuration, then check it with: bessgw config check {config_path}",

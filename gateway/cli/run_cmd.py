@@ -22,6 +22,7 @@ from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, Service, load_confi
 from gateway.logs import LOG_LEVELS, configure_logging
 from gateway.service.api import ApiClient, ApiError
 from gateway.service.store import StoreError
+from gateway.site_check import load_site_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +110,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 def run_daemon(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
-        config = load_config(args.config)
+        config = load_site_config(args.config, missing_hint="pass the site file with --config FILE")
     except ConfigError as err:
         print(f"{err.path}: {len(err.problems)} error(s)", file=sys.stderr)
         for problem in err.problems:
@@ -139,7 +140,8 @@ def _socket_path(args: argparse.Namespace) -> Path:
     if path is None:
         return Path(Service().api_socket)
     try:
-        return Path(load_config(path).service.api_socket)
+        hint = "pass an existing file with --config FILE, or the socket with --socket PATH"
+        return Path(load_config(path, missing_hint=hint).service.api_socket)
     except ConfigError as err:
         raise CliError(
             f"cannot take the API socket from {path}: " + "; ".join(err.problems), EXIT_USAGE
