@@ -137,7 +137,11 @@ def test_read_json_several_values(capsys, pcs):
         "--json",
     )
     assert code == 0
-    assert json.loads(out) == {"registers": [0xFF85, 2], "value": [-123, 2]}
+    assert json.loads(out) == {
+        "registers": [0xFF85, 2],
+        "value": [-123, 2],
+        "quality": ["good", "good"],
+    }
 
 
 def test_read_input_f32_scaled(capsys, meter):
@@ -158,7 +162,11 @@ def test_read_input_f32_scaled(capsys, meter):
         "--json",
     )
     assert code == 0
-    assert json.loads(out) == {"registers": codec.encode(12500.0, "f32"), "value": 12.5}
+    assert json.loads(out) == {
+        "registers": codec.encode(12500.0, "f32"),
+        "value": 12.5,
+        "quality": "good",
+    }
 
 
 def test_read_cdab_order(capsys, meter):
@@ -198,11 +206,76 @@ def test_read_nan_is_null(capsys, meter):
         "--json",
     )
     assert code == 0
-    assert json.loads(out) == {"registers": [0x7FBF, 0xFF80], "value": None}
+    assert json.loads(out) == {
+        "registers": [0x7FBF, 0xFF80],
+        "value": None,
+        "quality": "not_implemented",
+    }
     code, out, _ = run_cli(
         capsys, "modbus", "read", f"127.0.0.1:{port}", "0", "--function", "input", "--type", "f32"
     )
-    assert "nan (no value: sentinel)" in out
+    assert "value (f32 ABCD): no value (sentinel 7FBF FF80)\n" in out
+
+
+# Each "no value" sentinel, read with --scale 0.1: never scaled, never a number.
+SENTINEL_CASES = [
+    ("i16", "ABCD", [0x8000], "8000"),
+    ("u16", "ABCD", [0xFFFF], "FFFF"),
+    ("i32", "ABCD", [0x8000, 0x0000], "8000 0000"),
+    ("i32", "CDAB", [0x0000, 0x8000], "0000 8000"),
+    ("u32", "ABCD", [0xFFFF, 0xFFFF], "FFFF FFFF"),
+    ("u64", "ABCD", [0xFFFF] * 4, "FFFF FFFF FFFF FFFF"),
+    ("i64", "ABCD", [0x8000, 0, 0, 0], "8000 0000 0000 0000"),
+]
+
+
+@pytest.mark.parametrize(("type_", "order", "words", "shown"), SENTINEL_CASES)
+def test_read_sentinel_not_scaled(capsys, meter, type_, order, words, shown):
+    threaded, port = meter
+    threaded.call(lambda: threaded.server.set_registers("input", 0, words))
+    argv = ["modbus", "read", f"127.0.0.1:{port}", "0", "--function", "input"]
+    argv += ["--type", type_, "--order", order, "--scale", "0.1"]
+
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    assert json.loads(out) == {"registers": words, "value": None, "quality": "not_implemented"}
+
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert f"registers: {shown}\n" in out
+    assert f"value ({type_} {order}): no value (sentinel {shown})\n" in out
+
+
+def test_read_sentinel_among_values(capsys, meter):
+    threaded, port = meter
+    threaded.call(lambda: threaded.server.set_registers("input", 0, [0x0010, 0x8000, 0xFFF6]))
+    argv = ["modbus", "read", f"127.0.0.1:{port}", "0", "--function", "input", "--type", "i16"]
+    argv += ["--count", "3", "--scale", "0.1"]
+
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "registers": [0x0010, 0x8000, 0xFFF6],
+        "value": [1.6, None, -1.0],
+        "quality": ["good", "not_implemented", "good"],
+    }
+
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert "value (i16 ABCD): 1.6, no value (sentinel 8000), -1\n" in out
+
+
+def test_read_infinity_is_null(capsys, meter):
+    threaded, port = meter
+    threaded.call(lambda: threaded.server.set_registers("input", 0, [0x7F80, 0x0000]))
+    argv = ["modbus", "read", f"127.0.0.1:{port}", "0", "--function", "input", "--type", "f32"]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "registers": [0x7F80, 0x0000],
+        "value": None,
+        "quality": "out_of_range",
+    }
 
 
 def test_read_exception_names_request(capsys, pcs):
@@ -447,7 +520,7 @@ def test_read_over_rtu(capsys, pty_pair):
     finally:
         threaded.close()
     assert code == 0, err
-    assert json.loads(out) == {"registers": [2304], "value": 230.4}
+    assert json.loads(out) == {"registers": [2304], "value": 230.4, "quality": "good"}
 
 
 # -- mbpoll, an independent Modbus master -----------------------------------------
@@ -492,7 +565,7 @@ def test_mbpoll_write_then_cli_read(capsys, pcs):
         "--json",
     )
     assert code == 0
-    assert json.loads(out) == {"registers": [0xFFF9], "value": -7}
+    assert json.loads(out) == {"registers": [0xFFF9], "value": -7, "quality": "good"}
     assert threaded.call(lambda: threaded.server.get_point("WSet")) == -700.0
 
 

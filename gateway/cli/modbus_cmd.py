@@ -23,6 +23,7 @@ from drivers.modbus import codec
 from drivers.modbus.errors import ModbusError, ModbusExceptionResponse, ModbusTimeout
 from drivers.modbus.link import ModbusLink
 from drivers.modbus.planner import apply_scale
+from drivers.quality import Quality
 from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
 from gateway.logs import configure_logging
 
@@ -78,9 +79,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="holding",
         help="register table: holding (FC 03, default) or input (FC 04)",
     )
-    read.add_argument("--scale", type=float, help="multiply each decoded number by this factor")
     read.add_argument(
-        "--json", action="store_true", help="print one JSON object with 'registers' and 'value'"
+        "--scale",
+        type=float,
+        help="multiply each decoded number by this factor; a 'no value' sentinel stays unscaled",
+    )
+    read.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with 'registers', 'value' and 'quality' "
+        "(value null where quality is not 'good')",
     )
     _add_link_options(read)
     read.set_defaults(func=run_read)
@@ -276,20 +284,39 @@ def run_with_link(
 # -- read ---------------------------------------------------------------------
 
 
-def decode_registers(registers: list[int], type_: str, order: str, scale: float | None) -> Any:
-    """Decode what a read returned: one value, or a list when it contains several."""
-    if type_ == "str":
-        return codec.decode(registers, "str", order)
-    values = codec.decode_many(registers, type_, order)
-    if scale is not None:
-        values = [apply_scale(v, scale) for v in values]
-    return values[0] if len(values) == 1 else values
+@dataclass(frozen=True)
+class DecodedValue:
+    """One value of a read: its registers in wire order, and the value or ``None``.
+
+    ``value`` is ``None`` unless ``quality`` is GOOD. A "no value" sentinel
+    (int16 ``8000``, uint16 ``FFFF``, a float NaN, an all-NUL string and the
+    others in :data:`drivers.modbus.codec.SENTINELS`) is NOT_IMPLEMENTED and is
+    never scaled. An infinite float is OUT_OF_RANGE.
+    """
+
+    words: list[int]
+    value: int | float | str | None
+    quality: Quality
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def decode_registers(
+    registers: list[int], type_: str, order: str, scale: float | None
+) -> list[DecodedValue]:
+    """Decode what a read returned into one entry per value of ``type_``."""
+    size = len(registers) if type_ == "str" else codec.register_count(type_)
+    decoded = []
+    for start in range(0, len(registers), size):
+        words = registers[start : start + size]
+        raw = codec.decode(words, type_, order)
+        if codec.is_sentinel_value(raw, type_):
+            decoded.append(DecodedValue(words, None, Quality.NOT_IMPLEMENTED))
+        elif isinstance(raw, float) and not math.isfinite(raw):
+            decoded.append(DecodedValue(words, None, Quality.OUT_OF_RANGE))
+        elif scale is not None and not isinstance(raw, str):
+            decoded.append(DecodedValue(words, apply_scale(raw, scale), Quality.GOOD))
+        else:
+            decoded.append(DecodedValue(words, raw, Quality.GOOD))
+    return decoded
 
 
 def run_read(args: argparse.Namespace) -> int:
@@ -312,16 +339,25 @@ def run_read(args: argparse.Namespace) -> int:
     registers = run_with_link(
         target, args.timeout, lambda link: link.read(args.unit, function, address, count)
     )
-    value = decode_registers(registers, args.type, args.order, args.scale)
+    decoded = decode_registers(registers, args.type, args.order, args.scale)
 
     if args.json:
-        shown = [_json_number(v) for v in value] if isinstance(value, list) else _json_number(value)
-        print(json.dumps({"registers": registers, "value": shown}))
+        print(json.dumps(_json_result(registers, decoded)))
         return EXIT_OK
     print(f"{target.describe()} unit {args.unit} {args.function} {address}..{address + count - 1}")
     print("registers: " + " ".join(f"{word:04X}" for word in registers))
-    print(f"value ({args.type} {args.order}): {_format_value(value, registers, args.type)}")
+    shown = ", ".join(_format_value(entry, args.type) for entry in decoded)
+    print(f"value ({args.type} {args.order}): {shown}")
     return EXIT_OK
+
+
+def _json_result(registers: list[int], decoded: list[DecodedValue]) -> dict[str, Any]:
+    """Build the ``--json`` object: a scalar value and quality for one value, else lists."""
+    values = [entry.value for entry in decoded]
+    qualities = [entry.quality.name.lower() for entry in decoded]
+    if len(decoded) == 1:
+        return {"registers": registers, "value": values[0], "quality": qualities[0]}
+    return {"registers": registers, "value": values, "quality": qualities}
 
 
 def _value_count(type_: str, count: int | None) -> int:
@@ -332,17 +368,15 @@ def _value_count(type_: str, count: int | None) -> int:
     return codec.register_count(type_)
 
 
-def _format_value(value: Any, registers: list[int], type_: str) -> str:
+def _format_value(entry: DecodedValue, type_: str) -> str:
+    words = " ".join(f"{word:04X}" for word in entry.words)
+    if entry.quality is Quality.NOT_IMPLEMENTED:
+        return f"no value (sentinel {words})"
+    if entry.quality is not Quality.GOOD:
+        return f"no value ({entry.quality.name.lower()}: {words})"
     if type_ == "str":
-        return repr(value)
-    size = codec.register_count(type_)
-    chunks = [registers[i : i + size] for i in range(0, len(registers), size)]
-    values = value if isinstance(value, list) else [value]
-    shown = []
-    for chunk, number in zip(chunks, values, strict=True):
-        note = " (no value: sentinel)" if codec.is_sentinel(chunk, type_) else ""
-        shown.append(f"{number:g}{note}" if isinstance(number, float) else f"{number}{note}")
-    return ", ".join(shown)
+        return repr(entry.value)
+    return f"{entry.value:g}" if isinstance(entry.value, float) else f"{entry.value}"
 
 
 # -- write --------------------------------------------------------------------
