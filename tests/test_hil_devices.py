@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -350,6 +351,27 @@ async def test_serve_bms_sends_frames():
     assert acks == b"\r\r"
     assert [f[:4] for f in frames] == [b"t351", b"t355", b"t356", b"t359", b"t35C", b"t35E"]
     assert rc == 0
+
+
+@pytest.mark.parametrize("kind", ["pcs", "meter", "bms"])
+def test_serve_busy_port(kind):
+    """`hil serve` on a port in use exits 1 with one line naming the port and the fix."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "hil", "serve", kind, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"bessgw hil: cannot serve {kind}" in result.stderr
+    assert f"127.0.0.1', {port}" in result.stderr or f"127.0.0.1:{port}" in result.stderr
+    assert "choose another" in result.stderr
 
 
 def test_serve_rejects_bms_profile():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
@@ -11,7 +13,7 @@ from pymodbus.exceptions import ModbusIOException
 
 from drivers.modbus import codec
 from drivers.modbus.profile import load_profile
-from drivers.modbus.server import RegisterServer, RegisterWrite
+from drivers.modbus.server import RegisterServer, RegisterWrite, ServerStartError
 
 UNIT = 3
 
@@ -170,3 +172,29 @@ def test_meter_set_point_in_kw():
     server.set_point("p_kw", 12.5)
     assert server.get_registers("input", 52, 2) == codec.encode(12500.0, "f32")
     assert server.get_point("p_kw") == 12.5
+
+
+async def test_start_tcp_busy_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = RegisterServer(load_profile("meter-3ph"), unit_id=UNIT)
+        with pytest.raises(ServerStartError) as info:
+            await server.start_tcp("127.0.0.1", port)
+    await server.stop()
+    assert isinstance(info.value, OSError)
+    assert info.value.errno == errno.EADDRINUSE
+    message = str(info.value)
+    assert message.startswith(f"cannot listen for Modbus TCP on 127.0.0.1:{port} (")
+    assert "choose another port; port 0 picks a free one" in message
+
+
+async def test_start_rtu_missing_device(tmp_path):
+    path = tmp_path / "ttyUSB9"
+    server = RegisterServer(load_profile("meter-3ph"), unit_id=UNIT)
+    with pytest.raises(ServerStartError) as info:
+        await server.start_rtu(str(path))
+    await server.stop()
+    assert info.value.errno == errno.ENOENT
+    assert str(info.value).startswith(f"cannot open serial port '{path}' for the RTU simulator (")

@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import inspect
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +59,26 @@ _FUNCTION_OF_CODE = {
     4: "input",
 }
 _WRITE_CODES = {6, 16, 22, 23}
+
+
+class ServerStartError(OSError):
+    """The simulator cannot listen on its TCP address or open its serial port.
+
+    ``errno`` is the operating system's error when it could be found, else None.
+    """
+
+    def __init__(self, message: str, errno_value: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+#: The fix to print for the usual errors of binding a TCP listener.
+_BIND_FIXES = {
+    errno.EADDRINUSE: "stop the program that listens there (see `ss -ltnp`) or choose another "
+    "port; port 0 picks a free one",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a port from 1024",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine; use 127.0.0.1",
+}
 
 
 @dataclass
@@ -286,9 +309,26 @@ class RegisterServer:
     # -- serving -----------------------------------------------------------
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen for Modbus TCP on ``host``:``port`` (0 picks a free port); return the port."""
+        """Listen for Modbus TCP on ``host``:``port`` (0 picks a free port); return the port.
+
+        Raise :class:`ServerStartError` when the address cannot be bound, for
+        example a port already in use.
+        """
         server = ModbusTcpServer(self._sim_device(), address=(host, port), **self._hooks())
-        await server.serve_forever(background=True)
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as err:
+            # pymodbus 3.16 logs the OSError of the bind and raises a bare RuntimeError,
+            # so bind once more here to find the reason for the message.
+            cause = _tcp_bind_error(host, port)
+            if cause is None:
+                reason, code, fix = "pymodbus could not listen", None, "check the host and port"
+            else:
+                reason, code = cause.strerror, cause.errno
+                fix = _BIND_FIXES.get(code, "check the host and port")
+            raise ServerStartError(
+                f"cannot listen for Modbus TCP on {host}:{port} ({reason}); {fix}", code
+            ) from err
         self._servers.append(server)
         sockets = server.transport.sockets  # type: ignore[union-attr]
         bound_port = sockets[0].getsockname()[1]
@@ -302,13 +342,24 @@ class RegisterServer:
         return bound_port
 
     async def start_rtu(self, serial_port: str, baudrate: int = 19200) -> None:
-        """Serve Modbus RTU on ``serial_port`` (a tty, or one end of a pty pair)."""
+        """Serve Modbus RTU on ``serial_port`` (a tty, or one end of a pty pair).
+
+        Raise :class:`ServerStartError` when the port cannot be opened.
+        """
         server = ModbusSerialServer(
             self._sim_device(), port=serial_port, baudrate=baudrate, **self._hooks()
         )
-        await server.serve_forever(background=True)
-        if server.transport is None:
-            raise ConnectionError(f"cannot open serial port {serial_port!r} for the RTU simulator")
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as err:
+            cause = _serial_open_error(serial_port)
+            reason = cause.strerror if cause is not None else "pymodbus could not open it"
+            raise ServerStartError(
+                f"cannot open serial port {serial_port!r} for the RTU simulator ({reason}); "
+                "check the device path, that no other program has it open, and that this "
+                "user may use it (group dialout on Debian)",
+                cause.errno if cause is not None else None,
+            ) from err
         self._servers.append(server)
         log.info(
             "simulator listening",
@@ -423,3 +474,27 @@ class RegisterServer:
 
 
 __all__ = ["ExceptionRule", "Faults", "RegisterServer", "RegisterWrite"]
+
+
+def _tcp_bind_error(host: str, port: int) -> OSError | None:
+    """Bind ``host``:``port`` as asyncio's listener does; return the OSError, or None."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:  # socket.gaierror is an OSError too
+        return err
+    return None
+
+
+def _serial_open_error(serial_port: str) -> OSError | None:
+    """Open a serial device path once; return the OSError, or None when it opens or is a URL."""
+    if "://" in serial_port:
+        return None
+    try:
+        fd = os.open(serial_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as err:
+        return err
+    os.close(fd)
+    return None

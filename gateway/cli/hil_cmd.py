@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import signal
 import sys
@@ -204,7 +205,8 @@ def run_serve(args: argparse.Namespace) -> int:
             f"--unit-id {args.unit_id} is invalid: a Modbus unit id is 1..247", EXIT_USAGE
         )
     scenario = _load(args.scenario)
-    from hil.serve import ServeOptions, serve_device  # noqa: PLC0415 - heavy imports
+    from drivers.modbus.server import ServerStartError  # noqa: PLC0415 - heavy imports
+    from hil.serve import ServeOptions, serve_device  # noqa: PLC0415
 
     options = ServeOptions(args.kind, scenario, args.profile, args.port, args.unit_id)
 
@@ -222,8 +224,14 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except (KeyError, ValueError) as err:
         raise CliError(f"cannot serve {args.kind}: {err}", EXIT_USAGE) from err
+    except ServerStartError as err:
+        raise CliError(f"cannot serve {args.kind}: {err}", EXIT_IO) from err
     except OSError as err:
-        raise CliError(f"cannot serve {args.kind} on port {args.port}: {err}", EXIT_IO) from err
+        fix = ""
+        if err.errno == errno.EADDRINUSE:
+            fix = "; stop the program that listens there or choose another --port (0 = any free)"
+        message = f"cannot serve {args.kind} on port {args.port}: {err}{fix}"
+        raise CliError(message, EXIT_IO) from err
     return EXIT_OK
 
 
