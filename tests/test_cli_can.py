@@ -61,14 +61,61 @@ def test_decode_json_signed(capsys):
     assert pack["pack_temperature_c"] == 19.0
 
 
-def test_decode_json_hv_limits(capsys):
-    (limits,) = decode_json(capsys, "00004220#A410200D2A763674")
-    assert limits == {
+def test_decode_json_limit_magnitudes(capsys):
+    """Current limits sent with either sign or the 30000 offset are shown as the limit they mean."""
+    low_a, low_b, high = decode_json(
+        capsys,
+        "351#4502AC0354FCC001",
+        "351#440264009CFF3F02",
+        "00004220#A410200D2A763674",
+        extra=["--protocol", "pylontech"],
+    )
+    assert low_a == {
+        "charge_voltage_limit_v": 58.1,
+        "charge_current_limit_a": 94.0,
+        "discharge_current_limit_a": 94.0,
+        "discharge_voltage_limit_v": 44.8,
+    }
+    assert low_b == {
+        "charge_voltage_limit_v": 58.0,
+        "charge_current_limit_a": 10.0,
+        "discharge_current_limit_a": 10.0,
+        "discharge_voltage_limit_v": 57.5,
+    }
+    assert high == {
         "charge_voltage_limit_v": 426.0,
         "discharge_voltage_limit_v": 336.0,
         "charge_current_limit_a": 25.0,
-        "discharge_current_limit_a": -25.0,
+        "discharge_current_limit_a": 25.0,
     }
+
+
+def test_decode_positive_limit_unchanged(capsys):
+    """The same frame with the discharge limit sent as +94.0 A decodes to the same limits."""
+    (negative,) = decode_json(capsys, "351#4502AC0354FCC001")
+    (positive,) = decode_json(capsys, "351#4502AC03AC03C001")
+    assert positive == negative
+
+
+def test_decode_raw_keeps_wire_sign(capsys):
+    (low, high) = decode_json(
+        capsys, "351#4502AC0354FCC001", "00004220#A410200D2A763674", extra=["--raw"]
+    )
+    assert low["charge_current_limit_a"] == 94.0
+    assert low["discharge_current_limit_a"] == -94.0
+    assert high["charge_current_limit_a"] == 25.0
+    assert high["discharge_current_limit_a"] == -25.0
+
+    assert main(["can", "decode", "--raw", "351#4502AC0354FCC001"]) == 0
+    assert "discharge_current_limit_a=-94.0 A" in capsys.readouterr().out
+    assert main(["can", "decode", "351#4502AC0354FCC001"]) == 0
+    assert "discharge_current_limit_a=94.0 A" in capsys.readouterr().out
+
+
+def test_decode_limit_missing_stays_null(capsys):
+    (limits,) = decode_json(capsys, "351#4502AC03")
+    assert limits["charge_current_limit_a"] == 94.0
+    assert limits["discharge_current_limit_a"] is None
 
 
 def test_decode_json_short_frame(capsys):
@@ -82,6 +129,7 @@ def test_decode_json_short_frame(capsys):
 
 
 def test_decode_json_dbc(capsys):
+    """Signals of an unmapped DBC keep their DBC names and wire signs, limits included."""
     (limits, name) = decode_json(
         capsys, "351#4502AC0354FCC001", "35E#5059544553", extra=["--dbc", str(DBC_PATH)]
     )
@@ -199,8 +247,18 @@ def test_dump_json_virtual(capsys, virtual_sender):
     assert by_id["351"]["signals"]["charge_current_limit_a"] == 370.0
     assert by_id["356"]["signals"]["pack_current_a"] == -23.9
     assert by_id["00004220"]["extended"] is True
-    assert by_id["00004220"]["signals"]["discharge_current_limit_a"] == -25.0
+    assert by_id["00004220"]["signals"]["discharge_current_limit_a"] == 25.0
     assert "3 frame(s) printed" in captured.err
+
+
+def test_dump_json_raw(capsys, virtual_sender):
+    channel, send = virtual_sender
+    argv = ["can", "dump", "--interface", "virtual", "--channel", channel, "--json", "--raw"]
+    assert run_dump([*argv, "--count", "3"], send) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_id = {r["id"]: r for r in records}
+    assert by_id["00004220"]["signals"]["discharge_current_limit_a"] == -25.0
+    assert by_id["351"]["signals"]["discharge_current_limit_a"] == 370.0
 
 
 @pytest.mark.parametrize("suffix", [".asc", ".log", ".blf"])

@@ -56,7 +56,18 @@ DERIVED_POINTS = {
     "charge_limit_kw": "kW",
     "discharge_limit_kw": "kW",
 }
-_LIMIT_POINTS = ("charge_current_limit_a", "discharge_current_limit_a")
+#: Points that carry a current limit; a BMS may send them with either sign.
+LIMIT_POINTS = ("charge_current_limit_a", "discharge_current_limit_a")
+
+
+def limit_magnitude_a(raw_a: float) -> float:
+    """Return the non-negative current limit, in A, that a BMS's signed limit value means.
+
+    Some BMSs send the discharge limit with the sign of a discharge current:
+    ``351`` with bytes ``54 FC`` decodes to -94.0 A and means a 94.0 A limit,
+    the same as ``AC 03``. A limit is a magnitude, so only ``abs`` is kept.
+    """
+    return abs(raw_a)
 
 
 class Severity(enum.IntEnum):
@@ -243,7 +254,7 @@ class BmsString:
         self._set_seen: set[int] = set()
         self._set_problem = ""
         self._consistent_sets = 0
-        self._capped = dict.fromkeys(_LIMIT_POINTS, False)
+        self._capped = dict.fromkeys(LIMIT_POINTS, False)
         self.frames_received = 0
         self.frames_unknown = 0
 
@@ -284,8 +295,9 @@ class BmsString:
         for point, value in decoded.signals.items():
             unit = self._units[point]
             low, high = ranges.get(point, (None, None))
-            if point in _LIMIT_POINTS:
-                reading = Reading(self._cap_limit(point, abs(value)), Quality.GOOD, t, unit)
+            if point in LIMIT_POINTS:
+                magnitude_a = limit_magnitude_a(value)
+                reading = Reading(self._cap_limit(point, magnitude_a), Quality.GOOD, t, unit)
             else:
                 reading = Reading.checked(value, t, unit, low, high)
                 if point == "pack_current_a" and reading.good:

@@ -5,6 +5,10 @@
 8 for a 29-bit id, then up to 8 data bytes as hex, optionally separated by
 dots. ``dump`` prints live frames, raw and decoded, and can record them in
 any python-can log format.
+
+Both show current limits as the non-negative magnitudes they mean, with the
+BMS driver's own :func:`drivers.can.bms.limit_magnitude_a`; ``--raw`` shows
+the sign the BMS sent. Every other point is shown as decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import can
 
+from drivers.can.bms import LIMIT_POINTS, limit_magnitude_a
 from drivers.can.dbc import DbcDecoder, DbcError
 from drivers.can.points import POINTS, FrameDecoder, PointValue
 from drivers.can.pylontech import PylontechDecoder
@@ -85,13 +90,21 @@ def _format_id(frame_id: int, is_extended: bool) -> str:
 
 
 def _decode(
-    decoder: FrameDecoder, frame_id: int, data: bytes, is_extended: bool
+    decoder: FrameDecoder, frame_id: int, data: bytes, is_extended: bool, raw: bool
 ) -> tuple[str | None, dict[str, PointValue | None]]:
-    """Return ``(frame name, {point: value or None})``; missing points map to ``None``."""
+    """Return ``(frame name, {point: value or None})``; missing points map to ``None``.
+
+    Current limits are magnitudes unless ``raw`` is set.
+    """
     decoded = decoder.decode(frame_id, data, is_extended)
     if decoded is None:
         return None, {}
     values: dict[str, PointValue | None] = dict(decoded.signals)
+    if not raw:
+        for point in LIMIT_POINTS:
+            value = values.get(point)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[point] = limit_magnitude_a(value)
     values.update(dict.fromkeys(decoded.missing))
     return decoded.name, values
 
@@ -117,7 +130,7 @@ def run_decode(args: argparse.Namespace) -> int:
             raise CliError(str(err), EXIT_USAGE) from err
     decoder = _make_decoder(args)
     for frame in frames:
-        name, values = _decode(decoder, frame.frame_id, frame.data, frame.is_extended)
+        name, values = _decode(decoder, frame.frame_id, frame.data, frame.is_extended, args.raw)
         if args.json:
             print(json.dumps(values, ensure_ascii=False))
             continue
@@ -201,7 +214,7 @@ def run_dump(args: argparse.Namespace) -> int:
                 continue
             if logger is not None:
                 logger.on_message_received(message)
-            _print_message(decoder, message, t_mono_s - start, args.json)
+            _print_message(decoder, message, t_mono_s - start, args.json, args.raw)
             printed += 1
     except KeyboardInterrupt:
         pass
@@ -213,11 +226,13 @@ def run_dump(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_message(decoder: FrameDecoder, message: can.Message, t_s: float, as_json: bool) -> None:
+def _print_message(
+    decoder: FrameDecoder, message: can.Message, t_s: float, as_json: bool, raw: bool
+) -> None:
     data = bytes(message.data)
     name, values = (None, {})
     if not message.is_remote_frame:
-        name, values = _decode(decoder, message.arbitration_id, data, message.is_extended_id)
+        name, values = _decode(decoder, message.arbitration_id, data, message.is_extended_id, raw)
     frame_id = _format_id(message.arbitration_id, message.is_extended_id)
     if as_json:
         record = {
@@ -249,7 +264,14 @@ def _add_decoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dbc",
         metavar="FILE",
-        help="decode with this DBC file instead; signals keep their DBC names and units",
+        help="decode with this DBC file instead; signals keep their DBC names, units and "
+        "signs, because the command cannot tell which DBC signal is a current limit",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="show charge and discharge current limits with the sign the BMS sent; by default "
+        "they are the non-negative limits in A that the gateway uses",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per frame instead of text"
