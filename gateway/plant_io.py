@@ -230,10 +230,21 @@ class PlantIO:
             await asyncio.sleep(0.1)
 
     async def _write_loop(self, index: int, writer: PcsWriter, command: CommandSource) -> None:
-        """Apply the command every ``period_s`` until ``_writers_stop`` is set, between cycles."""
+        """Apply the command every ``period_s`` until ``_writers_stop`` is set, between cycles.
+
+        A cycle that raises anything but cancellation marks the writer faulted,
+        which the fast loop latches as PCS_FAULT (PCS_LOST while the PCS's
+        power reading is not good), and the next cycle tries again. Until a
+        write succeeds, the PCS's own reversion timer takes it to 0 kW.
+        """
         while not self._writers_stop.is_set():
-            order = command(index)
-            await writer.apply(order.p_kw, order.enabled)
+            try:
+                order = command(index)
+                await writer.apply(order.p_kw, order.enabled)
+            except Exception as err:  # the task must outlive any error of one cycle
+                writer.note_cycle_failed(err)
+            else:
+                writer.note_cycle_ok()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._writers_stop.wait(), writer.period_s)
 
@@ -435,14 +446,38 @@ class PcsWriter:
         self._next_start_mono_s = 0.0
         self._start_failing = False
         self._reset_requested = False
+        #: The error of the last cycle when it raised outside the driver's fault handling.
+        self.cycle_error: Exception | None = None
+        self._failed_cycles = 0
 
     @property
     def faulted(self) -> bool:
-        return self.driver.fault is not None
+        """Whether the driver has latched a fault or the last cycle raised an unexpected error."""
+        return self.driver.fault is not None or self.cycle_error is not None
 
     def request_reset(self) -> None:
         """Ask for the driver's operator reset at the next cycle; only a faulted driver resets."""
-        self._reset_requested = self.faulted
+        self._reset_requested = self.driver.fault is not None
+
+    def note_cycle_failed(self, err: Exception) -> None:
+        """Mark the writer faulted after a cycle raised ``err``; log the first failure in a row."""
+        self._failed_cycles += 1
+        if self.cycle_error is None:
+            log.error(
+                "pcs_cycle_error",
+                device=self.name,
+                error=repr(err),
+                hint="the PCS is held faulted and the cycle is retried every period",
+                exc_info=err,
+            )
+        self.cycle_error = err
+
+    def note_cycle_ok(self) -> None:
+        """Clear the cycle error after a cycle that completed; log the recovery once."""
+        if self.cycle_error is not None:
+            log.info("pcs_cycle_recovered", device=self.name, failed_cycles=self._failed_cycles)
+        self.cycle_error = None
+        self._failed_cycles = 0
 
     async def apply(self, p_kw: float, enabled: bool) -> None:
         driver = self.driver
