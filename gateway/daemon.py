@@ -42,7 +42,13 @@ from gateway.control.predictor import PeriodicPredictor, PredictorParams
 from gateway.forecast.hints import HintBook, HintFileWatcher
 from gateway.measurements import MeasurementStore
 from gateway.plan.planner import Plan
-from gateway.planning import SAMPLE_PERIOD_S, SupervisoryPlanner, events_ahead, planner_config
+from gateway.planning import (
+    SAMPLE_PERIOD_S,
+    STATE_FILE,
+    SupervisoryPlanner,
+    events_ahead,
+    planner_config,
+)
 from gateway.plant_io import Command, PlantIO
 from gateway.service.api import ApiServer, DemandResponseParams
 from gateway.service.metrics import Metrics
@@ -66,6 +72,8 @@ MB = 1024 * 1024
 LOOP_STALL_LIMIT_MS = 50.0
 #: A planner run that takes longer than this share of the period is abandoned for that period.
 PLANNER_TIMEOUT_SHARE = 0.8
+#: How long shutdown waits for the planner thread to save the planner state.
+PLANNER_SAVE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +128,13 @@ class Daemon:
         self.planner: SupervisoryPlanner | None = None
         self._hint_file: HintFileWatcher | None = None
         if config.planner.enabled:
-            self.planner = SupervisoryPlanner(config, self._planner_pool, time.monotonic())
+            self.planner = SupervisoryPlanner(
+                config,
+                self._planner_pool,
+                time.monotonic(),
+                state_path=Path(config.service.state_dir) / STATE_FILE,
+                now_utc=time.time(),
+            )
             if config.planner.job_hint_file is not None:
                 self._hint_file = HintFileWatcher(config.planner.job_hint_file, self.hints)
         #: The base parameters with the last good plan applied, before the cap override.
@@ -251,6 +265,8 @@ class Daemon:
             await self._record_event("daemon_stopped", "bessgw stopped")
             await self._store_call(self.store.close)
         self._db.shutdown(wait=True)
+        if self.planner is not None:
+            await self._save_planner_state()
         # A planner step still running has nothing left to apply; the thread ends after it.
         self._planner_pool.shutdown(wait=False, cancel_futures=True)
         self.notifier.close()
@@ -670,6 +686,20 @@ class Daemon:
             f"planner failed, last good parameters kept: {message}",
             severity="error",
         )
+
+    async def _save_planner_state(self) -> None:
+        """Save the planner state on its thread, after any step still running there."""
+        planner = self.planner
+        assert planner is not None
+        aio = asyncio.get_running_loop()
+        try:
+            save = aio.run_in_executor(self._planner_pool, planner.save, time.time())
+            await asyncio.wait_for(save, PLANNER_SAVE_TIMEOUT_S)
+        except (OSError, TimeoutError) as err:
+            # The error text is the whole diagnosis; no traceback.
+            log.error(  # noqa: TRY400
+                "planner_state_not_saved", path=str(planner.state_path), error=repr(err)
+            )
 
     async def _record_decision(self, plan: Plan) -> None:
         """Log and store the decision when its reason, cap (by 1 %) or SoC band changes."""

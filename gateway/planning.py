@@ -14,14 +14,21 @@ events ahead and the job hints, and gets a plan back:
 Steps 1 and 2 run on the planner's own thread, because a forecast refit
 takes tens of milliseconds. A failure at any step leaves the previous plan
 in force; the daemon decides what to log and apply.
+
+The planner's billing peak, daily discharge and interval history survive a
+restart in :data:`STATE_FILE` in the state directory, written once per
+demand interval and at shutdown. The forecasters start again empty.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import math
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -49,11 +56,36 @@ FORECAST_HISTORY_STEPS = 8 * 1440
 #: as a meter profile that reads W as kW, and the planner does not plan on it.
 PLAUSIBLE_POWER_FACTOR = 10.0
 
+#: File in ``service.state_dir`` with the planner state that survives a restart.
+STATE_FILE = "planner_state.json"
+_STATE_VERSION = 1
+#: Fields of :class:`PlannerState` that are saved. The rest (history optimum, last plan)
+#: is recomputed within a period.
+_SAVED_FIELDS = (
+    "billing_month",
+    "billing_peak_kw",
+    "day",
+    "discharged_kwh_today",
+    "interval_index",
+    "interval_grid_kw_s",
+    "interval_net_kw_s",
+    "interval_renewable_kw_s",
+    "interval_seconds",
+    "history_net_kw",
+    "history_renewable_kw",
+)
+#: Saved fields that stay true across any downtime within the billing month and the day.
+_BILLING_FIELDS = ("billing_month", "billing_peak_kw", "day", "discharged_kwh_today")
+
 _SIGNALS = ("grid", "net_load", "battery", "renewable", "soc")
 
 
 class PlanError(ValueError):
     """The planner could not make a usable plan; the previous plan stays in force."""
+
+
+class PlannerStateError(ValueError):
+    """The saved planner state cannot be used; the message names the file and the reason."""
 
 
 class PlannerBusyError(TimeoutError):
@@ -171,6 +203,87 @@ def forecast_config(name: str, scale_kw: float, period_s: float, **options: Any)
     )
 
 
+def save_state(path: Path, config: PlannerConfig, state: PlannerState, now_utc: float) -> None:
+    """Write the saved fields of ``state`` to ``path``, atomically by a rename."""
+    data: dict[str, Any] = {
+        "version": _STATE_VERSION,
+        "saved_utc": now_utc,
+        "interval_s": config.interval_s,
+    }
+    data.update({name: getattr(state, name) for name in _SAVED_FIELDS})
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        json.dump(data, file, separators=(",", ":"))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_state(path: Path, config: PlannerConfig, now_utc: float) -> PlannerState | None:
+    """Return the state saved in ``path``; None when there is no file.
+
+    The history is restored only when at most one interval boundary passed
+    since the save, because the planner lines the history up with the time
+    of day by counting intervals back from now. After a longer downtime
+    only the billing peak and the day's discharge are restored, and
+    :func:`gateway.plan.planner.plan_step` drops them itself once the month
+    or the day has changed. Raises :class:`PlannerStateError` when the file
+    is unreadable or was saved with another demand interval.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PlannerStateError(f"{path}: cannot be read: {err}") from err
+    if not isinstance(data, dict) or data.get("version") != _STATE_VERSION:
+        raise PlannerStateError(f"{path}: not a planner state of version {_STATE_VERSION}")
+    if data.get("interval_s") != config.interval_s:
+        raise PlannerStateError(
+            f"{path}: saved with a demand interval of {data.get('interval_s')} s, but the "
+            f"configured one is {config.interval_s:g} s"
+        )
+    index = data.get("interval_index")
+    now_index = int((now_utc - 1e-6) // config.interval_s)
+    keep = _SAVED_FIELDS
+    if not isinstance(index, int) or now_index > index + 1:
+        keep = _BILLING_FIELDS
+    fields = {name: _saved_value(path, name, data[name]) for name in keep if name in data}
+    net, renewable = fields.get("history_net_kw", ()), fields.get("history_renewable_kw", ())
+    if len(net) != len(renewable):
+        raise PlannerStateError(
+            f"{path}: history_net_kw and history_renewable_kw differ in length "
+            f"({len(net)} vs {len(renewable)})"
+        )
+    try:
+        return replace(PlannerState(), **fields)
+    except TypeError as err:
+        raise PlannerStateError(f"{path}: does not match the planner's state: {err}") from err
+
+
+def _saved_value(path: Path, name: str, value: object) -> Any:
+    """Check one saved field's type and return it as :class:`PlannerState` holds it."""
+
+    def number(x: object) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    if name in ("day", "interval_index"):
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    elif name == "billing_month":
+        ok = value is None or (
+            isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) for x in value)
+        )
+    elif name.startswith("history_"):
+        ok = isinstance(value, list) and all(number(x) for x in value)
+    else:
+        ok = number(value)
+    if not ok:
+        raise PlannerStateError(f"{path}: {name}={value!r} is not a valid saved value")
+    if isinstance(value, list):
+        return tuple(float(x) for x in value) if name.startswith("history_") else tuple(value)
+    return float(value) if name not in ("day", "interval_index") else value
+
+
 def check_inputs(inputs: PlannerInputs, limit_kw: float) -> None:
     """Raise :class:`PlanError` if a measured input is implausible.
 
@@ -227,12 +340,20 @@ class SupervisoryPlanner:
     """
 
     def __init__(
-        self, site: SiteConfig, executor: concurrent.futures.Executor, now_mono_s: float
+        self,
+        site: SiteConfig,
+        executor: concurrent.futures.Executor,
+        now_mono_s: float,
+        state_path: Path | None = None,
+        now_utc: float | None = None,
     ) -> None:
         settings = site.planner
         self.period_s = settings.period_s
         self.config = planner_config(site)
-        self.state = PlannerState()
+        self.state_path = state_path
+        self.state = self._restore(now_utc)
+        self._saved_index = self.state.interval_index
+        self._save_failing = False
         self._executor = executor
         # The planner thread reads this copy of the daemon's hints; run() refreshes it while
         # the thread is idle, so the event loop and the thread never share one HintBook.
@@ -267,6 +388,30 @@ class SupervisoryPlanner:
                 forecast_config("renewable", rated, self.period_s, upper_kw=rated)
             )
         return load, renewable
+
+    def _restore(self, now_utc: float | None) -> PlannerState:
+        if self.state_path is None or now_utc is None:
+            return PlannerState()
+        try:
+            state = load_state(self.state_path, self.config, now_utc)
+        except PlannerStateError as err:
+            log.warning("planner_state_not_restored", error=str(err), action="starting afresh")
+            return PlannerState()
+        if state is None:
+            return PlannerState()
+        log.info(
+            "planner_state_restored",
+            path=str(self.state_path),
+            billing_peak_kw=round(state.billing_peak_kw, 1),
+            history_intervals=len(state.history_net_kw),
+        )
+        return state
+
+    def save(self, now_utc: float) -> None:
+        """Write the planner state to :attr:`state_path` (no-op without one)."""
+        if self.state_path is not None:
+            save_state(self.state_path, self.config, self.state, now_utc)
+            self._saved_index = self.state.interval_index
 
     def sample(self, readings: SiteReadings) -> None:
         self._means.add(readings)
@@ -315,7 +460,28 @@ class SupervisoryPlanner:
         self.state = state
         self.plan = plan
         self.planned_utc = now_utc
+        if state.interval_index != self._saved_index:
+            await self._save_on_thread(now_utc)
         return plan
+
+    async def _save_on_thread(self, now_utc: float) -> None:
+        """Save the state on the planner thread; a failure is logged and planning goes on."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.save, now_utc)
+        except OSError as err:
+            if not self._save_failing:
+                # The OS error text is the whole diagnosis; no traceback.
+                log.error(  # noqa: TRY400
+                    "planner_state_not_saved",
+                    path=str(self.state_path),
+                    error=str(err),
+                    effect="a restart would forget this month's billing peak",
+                )
+            self._save_failing = True
+            return
+        if self._save_failing:
+            log.info("planner_state_saved_again", path=str(self.state_path))
+        self._save_failing = False
 
     def _take_overrides(self) -> dict[str, float]:
         taken = {}

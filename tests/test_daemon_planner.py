@@ -13,8 +13,11 @@ spread around it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import json
 import math
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -24,15 +27,19 @@ from daemon_rig import DaemonRig
 
 from drivers.quality import Quality, Reading
 from gateway.config import ConfigError, load_config, validate_config
-from gateway.plan.planner import Plan, PlannerInputs
+from gateway.plan.planner import Plan, PlannerInputs, PlannerState
 from gateway.planning import (
     MeanAccumulator,
     PlanError,
+    PlannerStateError,
+    SupervisoryPlanner,
     check_inputs,
     check_plan,
     events_ahead,
     forecast_config,
+    load_state,
     planner_config,
+    save_state,
 )
 from gateway.plant_io import SiteReadings
 from gateway.service.api import ApiClient, ApiError, DemandResponseParams
@@ -142,6 +149,24 @@ async def test_planner_cap_reaches_loop(tmp_path):
         decisions = [e for e in events if e["kind"] == "planner_decision"]
         assert any("forecast need" in e["message"] for e in decisions)
         assert _logged(rig, "planner_decision")
+
+        # SIGHUP applies a new reserve at the next plan; a new period needs a restart.
+        rig.write_config(
+            extra=PLANNER_TABLE.replace("reserve_soc_pct = 20.0", "reserve_soc_pct = 25.0")
+        )
+        await rig.signal(signal.SIGHUP)
+        await _until(
+            rig, lambda s: s["soc_band_pct"] == [25.0, 90.0], 5, "the new reserve in the band"
+        )
+        rig.write_config(extra=PLANNER_TABLE.replace("period_s = 1.0", "period_s = 2.0"))
+        await rig.signal(signal.SIGHUP)
+        await _until(
+            rig,
+            lambda s: _logged(rig, "config_reload_rejected"),
+            5,
+            "the reload with a new period to be rejected",
+        )
+        assert "planner.period_s" in _logged(rig, "config_reload_rejected")[0]["reason"]
     finally:
         await rig.close()
 
@@ -193,6 +218,13 @@ async def test_planner_hint_and_dr(tmp_path):
         assert status["cap_kw"] == status["planner"]["cap_kw"]
         # The billing cap, which the headroom counts against, still carries the job.
         assert status["planner"]["billing_cap_kw"] > before + 300.0
+
+        # SIGTERM saves the planner state for the next start.
+        await rig.signal(signal.SIGTERM)
+        assert await rig.wait_exit(20) == 0
+        saved = json.loads((rig.state_dir / "planner_state.json").read_text())
+        assert saved["version"] == 1
+        assert saved["interval_s"] == 900.0
     finally:
         await rig.close()
 
@@ -504,3 +536,111 @@ def test_validate_config_planner_defaults():
     again = validate_config(data)
     assert again.planner.enabled is False
     assert again.planner.period_s == 60.0
+
+
+# -- saved state ---------------------------------------------------------------
+
+
+def _enabled_example(tmp_path: Path):
+    return _validate(tmp_path, _example_text("[planner]\nenabled = true\n"))
+
+
+def _saved_state(config, interval_index: int) -> PlannerState:
+    return dataclasses.replace(
+        PlannerState(),
+        billing_month=(2026, 3),
+        billing_peak_kw=1234.5,
+        day=20_500,
+        discharged_kwh_today=321.0,
+        interval_index=interval_index,
+        interval_grid_kw_s=600.0 * 300.0,
+        interval_net_kw_s=700.0 * 300.0,
+        interval_seconds=300.0,
+        history_net_kw=(650.0, 700.0),
+        history_renewable_kw=(10.0, 0.0),
+    )
+
+
+def test_state_restored_after_restart(tmp_path):
+    """A restart within the next interval restores the billing peak, the sums and the history."""
+    config = _enabled_example(tmp_path)
+    built = planner_config(config)
+    path = tmp_path / "planner_state.json"
+    index = 1_900_000
+    state = _saved_state(built, index)
+    save_state(path, built, state, now_utc=index * 900.0 + 10.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        restored = SupervisoryPlanner(
+            config, pool, 0.0, state_path=path, now_utc=(index + 1) * 900.0 + 5.0
+        ).state
+    for name in (
+        "billing_month",
+        "billing_peak_kw",
+        "day",
+        "discharged_kwh_today",
+        "interval_index",
+        "interval_net_kw_s",
+        "interval_seconds",
+        "history_net_kw",
+        "history_renewable_kw",
+    ):
+        assert getattr(restored, name) == getattr(state, name), name
+
+
+def test_state_after_long_downtime(tmp_path):
+    """Two interval boundaries later the history no longer lines up; only billing data stays."""
+    built = planner_config(_enabled_example(tmp_path))
+    path = tmp_path / "planner_state.json"
+    index = 1_900_000
+    save_state(path, built, _saved_state(built, index), now_utc=index * 900.0 + 10.0)
+    restored = load_state(path, built, now_utc=(index + 2) * 900.0 + 5.0)
+    assert restored.billing_peak_kw == 1234.5
+    assert restored.billing_month == (2026, 3)
+    assert restored.discharged_kwh_today == 321.0
+    assert restored.history_net_kw == ()
+    assert restored.interval_index is None
+    assert restored.interval_seconds == 0.0
+
+
+def test_state_missing_file(tmp_path):
+    built = planner_config(_enabled_example(tmp_path))
+    assert load_state(tmp_path / "none.json", built, now_utc=0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "cannot be read"),
+        ('{"version": 99}', "not a planner state of version 1"),
+        ('{"version": 1, "interval_s": 1800.0}', "demand interval of 1800.0 s"),
+        ('{"version": 1, "interval_s": 900.0, "billing_peak": 5}', None),
+        ('{"version": 1, "interval_s": 900.0, "billing_peak_kw": "5"}', "billing_peak_kw='5'"),
+        ('{"version": 1, "interval_s": 900.0, "day": 1.5}', "day=1.5"),
+        ('{"version": 1, "interval_s": 900.0, "billing_month": [2026]}', "billing_month=.2026."),
+        (
+            '{"version": 1, "interval_s": 900.0, "interval_index": 0, '
+            '"history_net_kw": [1.0, 2.0], "history_renewable_kw": [0.0]}',
+            "differ in length",
+        ),
+        (
+            '{"version": 1, "interval_s": 900.0, "interval_index": 0, '
+            '"history_net_kw": [1.0, NaN], "history_renewable_kw": [0.0, 0.0]}',
+            "history_net_kw=",
+        ),
+    ],
+)
+def test_state_bad_file(tmp_path, text, message):
+    """A broken or foreign file raises with its path; the planner then starts afresh."""
+    config = _enabled_example(tmp_path)
+    built = planner_config(config)
+    path = tmp_path / "planner_state.json"
+    path.write_text(text)
+    if message is None:
+        # Unknown keys are ignored and missing ones keep their defaults.
+        assert load_state(path, built, now_utc=0.0) == PlannerState()
+        return
+    with pytest.raises(PlannerStateError, match=message):
+        load_state(path, built, now_utc=0.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fresh = SupervisoryPlanner(config, pool, 0.0, state_path=path, now_utc=0.0)
+    assert fresh.state == PlannerState()
