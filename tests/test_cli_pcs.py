@@ -159,9 +159,10 @@ def test_status_unreachable(tmp_path, capsys):
     code = main(["pcs", "status", "pcs-1", "--config", config])
     assert code == 1
     err = capsys.readouterr().err
-    assert f"tcp 127.0.0.1:{port} unit 1" in err
-    assert "cannot connect" in err
-    assert "host, port and unit_id" in err
+    assert f"PCS 'pcs-1' (tcp 127.0.0.1:{port} unit 1): cannot connect within 3 s (" in err
+    assert err.count("powered and reachable") == 1
+    assert "host, port and unit_id in the configuration" in err
+    assert "reconnecting" not in err
 
 
 # ----------------------------------------------------------------------------- step test

@@ -271,6 +271,27 @@ async def test_connection_lost_fails_request_at_once():
             await link.close()
 
 
+async def test_one_shot_down_error():
+    """A one-shot link's connect error names the cause and the fix, not a background reconnect."""
+    port = free_port()
+    link = ModbusLink.tcp(
+        "127.0.0.1", port, backoff=Backoff(initial_s=5.0, max_s=5.0), one_shot=True
+    )
+    await link.start()
+    try:
+        await wait_state(link, LinkState.DOWN)
+        with pytest.raises(ModbusConnectError) as caught:
+            await link.wait_connected(0.05)
+    finally:
+        await link.close()
+    message = str(caught.value)
+    assert message.startswith(f"tcp 127.0.0.1:{port}: cannot connect (")
+    hint = f"check that the device at 127.0.0.1:{port} is powered and reachable"
+    assert message.endswith(f"); {hint}")
+    assert "reconnecting" not in message
+    assert "next attempt" not in message
+
+
 async def test_request_while_down_fails_fast():
     port = free_port()
     link = ModbusLink.tcp("127.0.0.1", port, backoff=Backoff(initial_s=5.0, max_s=5.0))

@@ -168,6 +168,7 @@ class ModbusLink:
         backoff: Backoff | None = None,
         max_in_flight: int = 1,
         rng: random.Random | None = None,
+        one_shot: bool = False,
     ) -> None:
         if timeout_s <= 0 or connect_timeout_s <= 0:
             raise ValueError(
@@ -184,6 +185,9 @@ class ModbusLink:
         self.connect_timeout_s = connect_timeout_s
         self.backoff = backoff or Backoff()
         self.max_in_flight = max_in_flight
+        #: Set by a command that makes a few requests and exits: its connect errors then
+        #: leave out the background reconnect, which ends with the command.
+        self.one_shot = one_shot
 
         self.state = LinkState.CLOSED
         self.counters = LinkCounters()
@@ -494,10 +498,21 @@ class ModbusLink:
         elif state is LinkState.CLOSED:
             self._log.info("modbus link closed")
 
+    @property
+    def down_reason(self) -> str:
+        """The last connect or I/O error of the link, as text for a message."""
+        return _describe(self.last_error)
+
     def _down_error(self, info: RequestInfo | None) -> ModbusConnectError:
         where = info.describe() if info else self.name
         if self.state is LinkState.CLOSED:
             return ModbusConnectError(f"{where}: link is closed; call start() first", info)
+        if self.one_shot:
+            what = "link is down" if self._ever_connected else "cannot connect"
+            reason = self.down_reason
+            if self.last_error is None:
+                reason = "the first connect attempt has not finished"
+            return ModbusConnectError(f"{where}: {what} ({reason}); {self._connect_hint()}", info)
         if self.state is LinkState.CONNECTING:
             return ModbusConnectError(f"{where}: link is still connecting; retry shortly", info)
         retry = ""

@@ -142,7 +142,10 @@ def run_read(args: argparse.Namespace) -> int:
     timeout_s = device_config.timeout_ms / 1000
 
     async def session() -> bool:
-        link = ModbusLink.from_transport(device_config.transport, timeout_s=timeout_s)
+        # With --watch the link reconnects between reads, as in the daemon.
+        link = ModbusLink.from_transport(
+            device_config.transport, timeout_s=timeout_s, one_shot=args.watch is None
+        )
         # A rejected block is tried again on the next read, not after the daemon's minute.
         device = ModbusDevice(
             device_config.name,

@@ -265,7 +265,7 @@ def run_with_link(
     """Connect, run ``work(link)``, close; turn Modbus errors into exit code 1."""
 
     async def session() -> T:
-        link = build_link(target, timeout_s, **options)
+        link = build_link(target, timeout_s, one_shot=True, **options)
         await link.start()
         try:
             await link.wait_connected(max(3.0, timeout_s))

@@ -115,19 +115,22 @@ def load_pcs(config_path: str, name: str) -> tuple[SiteConfig, Device]:
 async def connected_driver(config: SiteConfig, device: Device):
     """Yield a PcsDriver on a connected link; close the link on exit."""
     timeout_s = device.timeout_ms / 1000
-    link = ModbusLink.from_transport(device.transport, timeout_s=timeout_s)
+    link = ModbusLink.from_transport(device.transport, timeout_s=timeout_s, one_shot=True)
     try:
         driver = PcsDriver.from_config(device, config, link)
     except (PcsConfigError, ValueError) as err:
         raise CliError(f"PCS {device.name!r}: {err}", EXIT_USAGE) from err
     await link.start()
     try:
+        wait_s = max(3.0, timeout_s)
         try:
-            await link.wait_connected(max(3.0, timeout_s))
+            await link.wait_connected(wait_s)
         except ModbusError as err:
+            keys = "host, port" if device.transport.kind == "tcp" else "device, baud, parity"
             raise CliError(
-                f"{driver.where}: cannot connect: {err}. Check that the PCS is powered and "
-                "reachable, and its host, port and unit_id in the configuration",
+                f"{driver.where}: cannot connect within {wait_s:g} s ({link.down_reason}). "
+                f"Check that the PCS is powered and reachable, and its {keys} and unit_id "
+                "in the configuration",
                 EXIT_IO,
             ) from err
         yield driver
