@@ -464,10 +464,26 @@ def test_scan_nothing_responds(capsys, pcs):
     assert "no unit id in 5,7 responded within 0.1 s" in err
 
 
-def test_scan_bad_units(capsys):
-    code, _, err = run_cli(capsys, "modbus", "scan", "127.0.0.1", "--units", "1-x")
+@pytest.mark.parametrize(
+    ("units", "message"),
+    [
+        ("1-x", "invalid --units '1-x'"),
+        ("5-2", "invalid unit range '5-2': the range is reversed; write 2-5"),
+        ("1,250-300", "invalid unit range '250-300': unit ids are 0..255"),
+    ],
+)
+def test_scan_bad_units(capsys, units, message):
+    code, _, err = run_cli(capsys, "modbus", "scan", "127.0.0.1", "--units", units)
     assert code == 2
-    assert "invalid --units '1-x'" in err
+    assert message in err
+
+
+def test_scan_unreachable_one_shot(capsys):
+    port = free_port()
+    code, _, err = run_cli(capsys, "modbus", "scan", f"127.0.0.1:{port}", "--units", "1")
+    assert code == 1
+    assert f"tcp 127.0.0.1:{port}: cannot connect (" in err
+    assert "reconnecting" not in err
 
 
 # -- RTU through a socat pty pair ---------------------------------------------------

@@ -213,8 +213,13 @@ def parse_units(text: str) -> list[int]:
                 f"invalid --units {text!r}: expected ranges like 1-247 or lists like 1,5,10-20",
                 EXIT_USAGE,
             ) from None
-        if not 0 <= low <= high <= 255:
+        if not (0 <= low <= 255 and 0 <= high <= 255):
             raise CliError(f"invalid unit range {part!r}: unit ids are 0..255", EXIT_USAGE)
+        if low > high:
+            raise CliError(
+                f"invalid unit range {part!r}: the range is reversed; write {high}-{low}",
+                EXIT_USAGE,
+            )
         units.update(range(low, high + 1))
     return sorted(units)
 
