@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pymodbus.constants import ExcCodes
 
+from drivers.modbus.server import RegisterWrite
 from gateway.cli import main
 from tests.pcs_sim import ServerThread
 
@@ -203,6 +205,52 @@ def test_set_runs_step_test(tmp_path, capsys):
     assert len({w for w in ramp_up if 0 < w < 20_000}) >= 3
     assert len({w for w in ramp_down if 0 < w < 20_000}) >= 3
     assert ramp_down[-1] == 0
+
+
+def test_set_unverified_disable(tmp_path, capsys):
+    """A disable that does not read back is an error, never a "done: ... disabled" line."""
+    with ServerThread() as sim:
+        model = sim.model
+
+        def reject_disconnect(write: RegisterWrite) -> ExcCodes | None:
+            if "Conn" in write.point_names and write.words == (0,):
+                return ExcCodes.DEVICE_FAILURE
+            return model.on_write(write)
+
+        sim.call(setattr, sim.server, "on_write", reject_disconnect)
+        config = write_config(tmp_path, sim.port)
+        code = main(
+            [
+                "pcs", "set", "pcs-1", "--config", config,
+                "--kw", "10", "--for", "0.2", "--ramp-kw-per-s", "100", "--yes",
+            ]
+        )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "done:" not in captured.out
+    assert "PCS disabled" not in captured.out
+    assert captured.err.count("not both verified") == 1
+    assert "0 kW and disable were written but not both verified by read-back" in captured.err
+
+
+def test_set_charge_never_minus_zero(tmp_path, capsys):
+    with ServerThread() as sim:
+        config = write_config(tmp_path, sim.port)
+        code = main(
+            [
+                "pcs", "set", "pcs-1", "--config", config,
+                "--kw", "-10", "--for", "0.2", "--ramp-kw-per-s", "40", "--yes",
+            ]
+        )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "." in line]
+    assert rows
+    # The last three columns: target_kw, setpoint_kw and power_kw.
+    numbers = [value for row in rows for value in row[-3:]]
+    assert "-0.0" not in numbers
+    assert rows[0][-3] == "0.0"  # the first target of the ramp rounds to zero
+    assert "done: 0 kW, PCS disabled" in out
 
 
 @contextlib.contextmanager

@@ -193,8 +193,13 @@ def format_status(status: PcsStatus, profile_name: str) -> str:
 
 def _kw(reading) -> str:
     if reading.good:
-        return f"{reading.value:.1f} kW"
+        return f"{_tenths(reading.value)} kW"
     return f"- ({reading.quality.name})"
+
+
+def _tenths(value_kw: float) -> str:
+    """Format a power to 0.1 kW, with a value that rounds to zero shown as 0.0, never -0.0."""
+    return f"{round(value_kw, 1) + 0.0:.1f}"
 
 
 # ----------------------------------------------------------------------------- step test
@@ -328,8 +333,9 @@ class StepTest:
 
     async def print_line(self, phase: str) -> None:
         status = await self.driver.read_status()
+        elapsed_s = time.monotonic() - self.started_s
         print(
-            f"  {time.monotonic() - self.started_s:6.1f}  {phase:<10}  {self.target_kw:9.1f}  "
+            f"  {elapsed_s:6.1f}  {phase:<10}  {_tenths(self.target_kw):>9}  "
             f"{_number(status.setpoint_kw):>11}  {_number(status.p_kw):>8}",
             flush=True,
         )
@@ -365,7 +371,7 @@ class StepTest:
 
 
 def _number(reading) -> str:
-    return f"{reading.value:.1f}" if reading.good else "-"
+    return _tenths(reading.value) if reading.good else "-"
 
 
 def run_set(args: argparse.Namespace) -> int:
@@ -383,6 +389,8 @@ def run_set(args: argparse.Namespace) -> int:
     async def session() -> bool:
         async with connected_driver(config, device) as driver:
             interrupts = _Interrupts()
+            finished = False
+            disabled = True
             with interrupts.installed():
                 try:
                     await driver.start()
@@ -393,6 +401,7 @@ def run_set(args: argparse.Namespace) -> int:
                     )
                     await driver.enable()
                     completed = await StepTest(driver, plan, interrupts).run()
+                    finished = True
                 except (PcsStartError, PcsFaultError) as err:
                     raise CliError(str(err), EXIT_IO) from err
                 except PcsConfigError as err:
@@ -400,7 +409,12 @@ def run_set(args: argparse.Namespace) -> int:
                 finally:
                     # After a fault the driver has already commanded 0 kW and disabled.
                     if driver.started and driver.fault is None:
-                        await _disable(driver)
+                        disabled = await driver.disable()
+                        if not disabled and not finished:
+                            # An error is on its way out; add this warning to it.
+                            print(f"warning: {_unverified(driver)}", file=sys.stderr)
+            if not disabled:
+                raise CliError(_unverified(driver), EXIT_IO)
             print("done: 0 kW, PCS disabled" if completed else "stopped: 0 kW, PCS disabled")
             return completed
 
@@ -411,9 +425,8 @@ def run_set(args: argparse.Namespace) -> int:
     return EXIT_OK if completed else EXIT_INTERRUPTED
 
 
-async def _disable(driver: PcsDriver) -> None:
-    if not await driver.disable():
-        print(
-            f"warning: {driver.where}: disabling was not verified; check the PCS locally",
-            file=sys.stderr,
-        )
+def _unverified(driver: PcsDriver) -> str:
+    return (
+        f"{driver.where}: 0 kW and disable were written but not both verified by read-back; "
+        "check the PCS locally before leaving it"
+    )
