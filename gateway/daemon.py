@@ -638,6 +638,10 @@ class Daemon:
         if self._hint_file is not None:
             self._hint_file.poll()
         self.hints.prune(now_utc)
+
+        def fits_law(plan: Plan) -> law.LawParams:
+            return self._params_with_plan(self.base_params, plan)
+
         try:
             plan = await planner.run(
                 now_utc,
@@ -645,11 +649,12 @@ class Daemon:
                 events_ahead(self.dr_events, now_utc),
                 self.hints.hints(),
                 timeout_s=PLANNER_TIMEOUT_SHARE * planner.period_s,
+                check=fits_law,
             )
-            planned = self._params_with_plan(self.base_params, plan)
         except Exception as err:
             await self._planner_failed(err)
             return
+
         if planner.error is not None:
             log.info("planner_recovered", failures=planner.failures_in_row)
             await self._record_event(
@@ -658,7 +663,7 @@ class Daemon:
             )
         planner.error = None
         planner.failures_in_row = 0
-        self._planned_params = planned
+        self._planned_params = fits_law(plan)
         self._apply_params()
         await self._record_decision(plan)
 
@@ -668,8 +673,8 @@ class Daemon:
         assert planner is not None
         message = f"{type(err).__name__}: {err}"
         planner.failures_in_row += 1
-        # One line when the planner starts failing and when the kind of error changes;
-        # repeats of one kind only count, because their messages differ in times and values.
+        # One line when the planner starts failing and when the kind of error changes.
+        # Repeats of one kind are only counted, because their messages differ in values.
         same_kind = planner.error is not None and planner.error.startswith(type(err).__name__)
         planner.error = message
         if same_kind:

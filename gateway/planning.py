@@ -27,6 +27,7 @@ import concurrent.futures
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def planner_config(site: SiteConfig) -> PlannerConfig:
         raise ValueError("planner.energy_kwh is missing; set the battery's stored energy in kWh")
     # NOTE: the battery's power is the PCS ratings only. A BMS that limits the current
     # below them (cold or nearly empty cells) makes the plan promise more than the loop can
-    # deliver; the loop then holds the grid as low as the BMS window allows.
+    # deliver. The loop then keeps the grid import as low as the BMS window allows.
     rated_kw = sum(d.rated_kw or 0.0 for d in site.devices if d.role == "pcs")
     battery = BatterySpec(
         energy_kwh=settings.energy_kwh,
@@ -262,7 +263,7 @@ def load_state(path: Path, config: PlannerConfig, now_utc: float) -> PlannerStat
 
 
 def _saved_value(path: Path, name: str, value: object) -> Any:
-    """Check one saved field's type and return it as :class:`PlannerState` holds it."""
+    """Check one saved field's type and return it in the type :class:`PlannerState` uses."""
 
     def number(x: object) -> bool:
         return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -355,8 +356,8 @@ class SupervisoryPlanner:
         self._saved_index = self.state.interval_index
         self._save_failing = False
         self._executor = executor
-        # The planner thread reads this copy of the daemon's hints; run() refreshes it while
-        # the thread is idle, so the event loop and the thread never share one HintBook.
+        # The planner thread reads this copy of the daemon's hints. run() refreshes it only
+        # while the thread is idle, because a HintBook is not thread-safe.
         self._hints = HintBook()
         self._load_scale_kw = settings.load_scale_kw or site.site.grid_connection_kw
         self._limit_kw = PLAUSIBLE_POWER_FACTOR * site.site.grid_connection_kw
@@ -426,14 +427,18 @@ class SupervisoryPlanner:
         now_mono_s: float,
         events: tuple[DemandResponseEvent, ...],
         hints: list[JobHint],
+        *,
         timeout_s: float,
+        check: Callable[[Plan], object] | None = None,
     ) -> Plan:
         """Close the period, plan on the planner thread, check the plan and keep it.
 
-        Raises :class:`PlannerBusyError` while an earlier run is still on the
-        thread, ``TimeoutError`` when this one takes longer than
-        ``timeout_s``, and any error of the forecasters or the planner. The
-        period's means are consumed in every case.
+        ``check`` is the caller's own test of the plan, called after
+        :func:`check_plan`; whatever it raises rejects the plan like a
+        planner error. Raises :class:`PlannerBusyError` while an earlier run
+        is still on the thread, ``TimeoutError`` when this one takes longer
+        than ``timeout_s``, and any error of the forecasters or the planner.
+        The period's means are consumed in every case.
         """
         means = self._means.take(now_mono_s)
         self.last_means = means
@@ -455,6 +460,8 @@ class SupervisoryPlanner:
                 f"the planner took longer than {timeout_s:g} s; the previous plan stays in force"
             ) from err
         check_plan(plan)
+        if check is not None:
+            check(plan)
         # The state moves on only with a good plan, so a failed period's means are left out
         # of the planner's history and billing peak.
         self.state = state

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +32,7 @@ from gateway.plan.planner import Plan, PlannerInputs, PlannerState
 from gateway.planning import (
     MeanAccumulator,
     PlanError,
+    PlannerBusyError,
     PlannerStateError,
     SupervisoryPlanner,
     check_inputs,
@@ -92,8 +94,8 @@ async def _until(rig: DaemonRig, predicate, timeout_s: float, what: str) -> dict
 def _planned(status: dict) -> bool:
     """Return whether a plan with the SoC known exists.
 
-    The first period may end before the BMS has reported; its plan holds the
-    configured 600 kW until a day of history exists.
+    The first period may end before the BMS has reported. Its plan keeps the
+    configured 600 kW, the cap used until a day of history exists.
     """
     return "forecast need" in (status["planner"]["reason"] or "")
 
@@ -644,3 +646,64 @@ def test_state_bad_file(tmp_path, text, message):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         fresh = SupervisoryPlanner(config, pool, 0.0, state_path=path, now_utc=0.0)
     assert fresh.state == PlannerState()
+
+
+# -- planner runs ----------------------------------------------------------------
+
+
+def _means_sample(planner: SupervisoryPlanner) -> None:
+    planner.sample(_readings(grid=700.0, net=800.0, battery=100.0, renewable=50.0, soc=60.0))
+
+
+async def test_run_makes_plan(tmp_path):
+    """One run on the example site: a plan from the period's means, the state moved on."""
+    config = _enabled_example(tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        planner = SupervisoryPlanner(config, pool, 0.0)
+        _means_sample(planner)
+        plan = await planner.run(1_796_000_040.0, 60.0, (), [], timeout_s=30.0)
+    assert planner.plan == plan
+    assert planner.planned_utc == 1_796_000_040.0
+    assert planner.last_means.net_load_kw == 800.0
+    assert planner.state.last_plan == plan
+    # Without a day of history the configured 1500 kW cap is the lowest cap the planner
+    # sets, and 800 kW of net load needs less.
+    assert plan.cap_kw == 1500.0
+    assert plan.reason.startswith("initial cap")
+
+
+async def test_run_check_rejects_plan(tmp_path):
+    """A plan that the caller's check rejects is not kept, and the state does not move."""
+    config = _enabled_example(tmp_path)
+
+    def reject(plan: Plan) -> None:
+        raise ValueError(f"cap {plan.cap_kw} rejected by the test")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        planner = SupervisoryPlanner(config, pool, 0.0)
+        _means_sample(planner)
+        with pytest.raises(ValueError, match="rejected by the test"):
+            await planner.run(1_796_000_040.0, 60.0, (), [], timeout_s=30.0, check=reject)
+    assert planner.plan is None
+    assert planner.state == PlannerState()
+
+
+async def test_run_timeout_then_busy(tmp_path):
+    """A run that outlasts its timeout raises; the next one is rejected while the thread works."""
+    config = _enabled_example(tmp_path)
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        planner = SupervisoryPlanner(config, pool, 0.0)
+        # The planner thread is blocked, so the run's step waits behind this job.
+        pool.submit(release.wait, 10.0)
+        with pytest.raises(TimeoutError, match=r"longer than 0\.2 s"):
+            await planner.run(1_796_000_040.0, 60.0, (), [], timeout_s=0.2)
+        with pytest.raises(PlannerBusyError, match="still busy"):
+            await planner.run(1_796_000_100.0, 120.0, (), [], timeout_s=0.2)
+        release.set()
+        # The abandoned step runs next on the single thread. Awaiting a no-op queued after
+        # it lets the event loop see the step finish.
+        await asyncio.wait_for(asyncio.wrap_future(pool.submit(lambda: None)), 10.0)
+        await asyncio.sleep(0)
+        plan = await planner.run(1_796_000_160.0, 180.0, (), [], timeout_s=30.0)
+    assert planner.plan == plan
