@@ -508,11 +508,13 @@ class ModbusLink:
         if self.state is LinkState.CLOSED:
             return ModbusConnectError(f"{where}: link is closed; call start() first", info)
         if self.one_shot:
-            what = "link is down" if self._ever_connected else "cannot connect"
+            failure = "link is down" if self._ever_connected else "cannot connect"
             reason = self.down_reason
             if self.last_error is None:
                 reason = "the first connect attempt has not finished"
-            return ModbusConnectError(f"{where}: {what} ({reason}); {self._connect_hint()}", info)
+            return ModbusConnectError(
+                f"{where}: {failure} ({reason}); {self._connect_hint()}", info
+            )
         if self.state is LinkState.CONNECTING:
             return ModbusConnectError(f"{where}: link is still connecting; retry shortly", info)
         retry = ""
