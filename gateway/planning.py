@@ -4,14 +4,16 @@ Once per ``planner.period_s`` (a minute in service) the daemon hands this
 module the means of the period's sampled readings, the demand-response
 events ahead and the job hints, and gets a plan back:
 
-1. the load forecaster (with the job hints) and the renewable forecaster
+1. :func:`check_inputs` rejects an implausible mean, such as a power read
+   in W instead of kW;
+2. the load forecaster (with the job hints) and the renewable forecaster
    record the period's mean and forecast from it;
-2. :func:`gateway.plan.planner.plan_step` turns the means, the forecasts and
+3. :func:`gateway.plan.planner.plan_step` turns the means, the forecasts and
    the events into a :class:`~gateway.plan.planner.Plan`;
-3. :func:`check_plan` rejects a plan with a number the fast loop must not
-   receive.
+4. :func:`check_plan` and the caller's check reject a plan with a number
+   the fast loop must not receive.
 
-Steps 1 and 2 run on the planner's own thread, because a forecast refit
+Steps 1 to 3 run on the planner's own thread, because a forecast refit
 takes tens of milliseconds. A failure at any step leaves the previous plan
 in force; the daemon decides what to log and apply.
 

@@ -27,6 +27,7 @@ import pytest
 from daemon_rig import DaemonRig
 
 from drivers.quality import Quality, Reading
+from gateway.cli.run_cmd import _planner_line
 from gateway.config import ConfigError, load_config, validate_config
 from gateway.plan.planner import Plan, PlannerInputs, PlannerState
 from gateway.planning import (
@@ -60,10 +61,12 @@ reserve_soc_pct = 20.0
 # -- daemon ------------------------------------------------------------------
 
 
-async def _start(tmp_path: Path, *, metrics: bool = False, hooks: bool = False) -> DaemonRig:
+async def _start(
+    tmp_path: Path, *, metrics: bool = False, hooks: bool = False, extra: str = ""
+) -> DaemonRig:
     rig = DaemonRig(tmp_path, metrics=metrics)
     await rig.start_plant()
-    rig.write_config(extra=PLANNER_TABLE)
+    rig.write_config(extra=PLANNER_TABLE + extra)
     env = [("BESSGW_TEST_HOOKS", "1")] if hooks else []
     await rig.start_daemon(*env)
     await rig.wait_notify("STATUS=running", 30)
@@ -232,8 +235,12 @@ async def test_planner_hint_and_dr(tmp_path):
 
 
 async def test_planner_broken_input_keeps_params(tmp_path):
-    """A net load 1000 times too large stops planning; the loop keeps the last parameters."""
-    rig = await _start(tmp_path, hooks=True)
+    """A net load 1000 times too large stops planning; the loop keeps the last parameters.
+
+    After the recovery, a job in the scheduler's hint file raises the cap.
+    """
+    hint_file = tmp_path / "job-hints.json"
+    rig = await _start(tmp_path, hooks=True, extra=f'job_hint_file = "{hint_file}"\n')
     try:
         await _until(rig, _planned, 15, "a first plan")
         # 800 kW read as W instead of kW: 800000, beyond 10 x the 2000 kW grid connection.
@@ -272,6 +279,29 @@ async def test_planner_broken_input_keeps_params(tmp_path):
         events = (await _call(rig, "events", limit=1000))["events"]
         kinds = [e["kind"] for e in events]
         assert kinds.count("planner_failed") == 1
+
+        # The file did not exist until now: one warning, and the plan went on without it.
+        assert len(_logged(rig, "job_hint_file_missing")) == 1
+        before = recovered["planner"]["cap_kw"]
+        now = time.time()
+        jobs = [
+            {
+                "job_id": "j-7",
+                "start_utc": now + 300.0,
+                "end_utc": now + 7200.0,
+                "expected_kw": 400.0,
+            }
+        ]
+        temporary = tmp_path / "job-hints.json.tmp"
+        temporary.write_text(json.dumps({"jobs": jobs}))
+        temporary.rename(hint_file)
+        await _until(
+            rig,
+            lambda s: s["planner"]["cap_kw"] > before + 300.0,
+            10,
+            "the hint file's job to raise the cap",
+        )
+        assert _logged(rig, "job_hint_file_loaded")[0]["jobs"] == 1
     finally:
         await rig.close()
 
@@ -707,3 +737,25 @@ async def test_run_timeout_then_busy(tmp_path):
         await asyncio.sleep(0)
         plan = await planner.run(1_796_000_160.0, 180.0, (), [], timeout_s=30.0)
     assert planner.plan == plan
+
+
+def test_status_planner_line():
+    """``bessgw status`` shows the plan, its headroom and a failing planner's error."""
+    planner = {
+        "cap_kw": 943.4,
+        "soc_band_pct": [20.0, 90.0],
+        "reason": "forecast need (forecast need 943 kW)",
+        "error": None,
+        "failures_in_row": 0,
+    }
+    line = _planner_line(planner, 12.5)
+    assert line == (
+        "cap 943.4 kW, SoC band 20-90 %, headroom 12.5 kW: forecast need (forecast need 943 kW)"
+    )
+    failing = {**planner, "error": "PlanError: input soc_pct=120", "failures_in_row": 3}
+    assert _planner_line(failing, None).startswith(
+        "FAILING (3 periods): PlanError: input soc_pct=120; cap 943.4 kW"
+    )
+    assert "headroom unknown" in _planner_line(failing, None)
+    empty = {**planner, "cap_kw": None, "soc_band_pct": None, "reason": None}
+    assert _planner_line(empty, None) == "no plan yet"
