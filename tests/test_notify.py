@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -39,6 +40,25 @@ def test_notifier_ready_status(notify_socket):
     assert sock.recv(4096) == b"WATCHDOG=1"
     notifier.stopping()
     assert sock.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+    notifier.close()
+
+
+def test_notifier_full_queue_does_not_block(notify_socket):
+    # Nobody reads the socket, so the kernel queue fills after a few dozen
+    # datagrams. A send must then fail and be counted, never wait for room.
+    path, sock = notify_socket
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    results: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: results.extend(notifier.watchdog() for _ in range(2000)), daemon=True
+    )
+    sender.start()
+    sender.join(timeout=10.0)
+    assert not sender.is_alive()
+    assert results.count(False) == notifier.failed_sends
+    assert notifier.failed_sends > 0
+    assert sock.recv(4096) == b"WATCHDOG=1"
+    assert notifier.watchdog() is True
     notifier.close()
 
 

@@ -55,7 +55,11 @@ class Notifier:
         if self.address is None:
             return False
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: when the reader falls behind and its queue is full,
+            # a send fails with EAGAIN and is counted; it never stalls the daemon.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         try:
             self._sock.sendto(message.encode("utf-8"), self.address)
         except OSError as err:
