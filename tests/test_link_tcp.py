@@ -458,3 +458,26 @@ def test_from_transport_rejects_can():
 
     with pytest.raises(ValueError, match="kind 'tcp' or 'rtu'"):
         ModbusLink.from_transport(Can())
+
+
+async def test_link_close_despite_swallowed_cancel(monkeypatch):
+    # Python 3.11's asyncio.wait_for can turn a cancellation that arrives as
+    # the connect attempt fails into that failure. close() must still end the
+    # supervisor instead of waiting for it forever.
+    link = ModbusLink.tcp("127.0.0.1", free_port(), backoff=Backoff(0.01, 0.01, jitter=0.0))
+    swallowed = 0
+
+    async def connect_that_swallows_cancel() -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            swallowed += 1
+            raise ConnectionRefusedError("refused as the cancel arrived") from None
+
+    monkeypatch.setattr(link, "_connect", connect_that_swallows_cancel)
+    await link.start()
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(link.close(), 5.0)
+    assert swallowed >= 1
+    assert link.state is LinkState.CLOSED

@@ -54,6 +54,9 @@ from drivers.modbus.errors import (
 
 log = structlog.get_logger(__name__)
 
+#: How long :meth:`ModbusLink.close` waits for the supervisor before cancelling it again.
+_CLOSE_RETRY_S = 0.5
+
 
 class LinkState(str, enum.Enum):
     #: Started; the first connect attempt has not finished yet.
@@ -204,6 +207,7 @@ class ModbusLink:
         self._lost = asyncio.Event()
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
         self._slots: asyncio.Semaphore | None = None
         self._ever_connected = False
 
@@ -243,6 +247,7 @@ class ModbusLink:
         if self._supervisor is not None:
             return
         self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._closing = False
         self._set_state(LinkState.CONNECTING)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"modbus link {self.name}"
@@ -262,7 +267,14 @@ class ModbusLink:
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is None:
             return
-        supervisor.cancel()
+        # On Python 3.11 asyncio.wait_for can swallow a cancellation that
+        # arrives just as the connect attempt ends, and the supervisor would
+        # then loop on. It checks this flag each round, and the cancel is
+        # repeated until the task ends.
+        self._closing = True
+        while not supervisor.done():
+            supervisor.cancel()
+            await asyncio.wait({supervisor}, timeout=_CLOSE_RETRY_S)
         with contextlib.suppress(asyncio.CancelledError):
             await supervisor
         self._set_state(LinkState.CLOSED)
@@ -397,7 +409,7 @@ class ModbusLink:
         """Connect, wait for the connection to drop, back off, repeat until cancelled."""
         attempt = 0
         down_since_mono_s: float | None = None
-        while True:
+        while not self._closing:
             self.counters.connect_attempts += 1
             try:
                 await self._connect()
