@@ -1,7 +1,7 @@
 """Periodic feed-forward: predict the site load a short lead ahead from its last period.
 
 Why: a meter that averages over 100 ms and updates every 100 ms, plus the
-PCS's dead time and time constant, delays the battery's answer by 100-300
+PCS's dead time and time constant, delays the battery's response by 100-300
 ms. A law that only reacts to the measured load cancels little of a swing
 whose period is 1-2 s. GPU training swings repeat at the iteration period,
 so the load one period ago, shifted by the lead, predicts the load that
