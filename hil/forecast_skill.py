@@ -11,13 +11,23 @@ left out of the score.
   facility baseline (BDEW G3), one-minute means, with the scheduler's hints.
 * :func:`wind_skill`: the La Haute Borne plant's measured 10-minute output,
   at its own 10-minute step.
+* :func:`wind_alternatives`: simpler and richer models on the same plant,
+  fitted on 2014 and scored on 2015, to show how far the plant's own history
+  can take a 1-hour forecast.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from gateway.forecast import ForecastConfig, Forecaster, HintBook, forecast_skill, parse_hint
+from gateway.forecast import (
+    ForecastConfig,
+    Forecaster,
+    HintBook,
+    fit_quantile,
+    forecast_skill,
+    parse_hint,
+)
 from hil.cluster import ClusterSpec, NodeShape, cluster_power_kw, generate_jobs, hint_events
 from hil.traces import (
     FacilityBaseline,
@@ -144,3 +154,101 @@ def _score(values: np.ndarray, bands: np.ndarray, horizon: int, warmup: int) -> 
     inside = (low[known] <= actual[known]) & (actual[known] <= high[known])
     result["inside_band"] = float(inside.mean())
     return result
+
+
+def wind_alternatives(*, horizon_s: float = 3600.0) -> dict[str, dict[str, float]]:
+    """Score other 1-hour wind forecasts on the plant record: fitted on 2014, scored on 2015.
+
+    Every model sees only the plant's own 10-minute history up to the
+    forecast time. Free parameters (blend weight, damping) are chosen on
+    2014 by mean absolute error. The models:
+
+    * ``climatology_blend``: persistence blended with the 2014 mean power of
+      the same UTC hour;
+    * ``damped_trend``: persistence plus the last 30 minutes' trend, damped;
+    * ``ramp_regression``: a linear median regression on the level, the
+      changes over 10, 30 and 60 minutes, the gap to the 1-hour and 6-hour
+      means and the nacelle wind speed (and its square and cube);
+    * ``level_and_mean_bins``: the median change seen in 2014 in the same cell
+      of 20 level bins by 8 bins of the gap to the 1-hour mean, a model-free
+      check of what those two inputs hold.
+    """
+    record = load_wind_plant()
+    power = record.p_kw
+    rated = record.rated_kw
+    steps = int(horizon_s // record.interval_s)
+    n = power.size
+    split = record.index_at("2015-01-01T00:00:00Z")
+    target = np.full(n, np.nan)
+    target[:-steps] = power[steps:]
+    fit_rows = np.arange(n) < split
+    scored = ~fit_rows & np.isfinite(target) & np.isfinite(power)
+
+    def lagged(values: np.ndarray, k: int) -> np.ndarray:
+        out = np.full(n, np.nan)
+        out[k:] = values[:-k]
+        return out
+
+    def trailing_mean(values: np.ndarray, k: int) -> np.ndarray:
+        """Mean of the last ``k`` values; NaN unless at least half of them are known."""
+        valid = np.isfinite(values)
+        sums = np.concatenate(([0.0], np.cumsum(np.where(valid, values, 0.0))))
+        counts = np.concatenate(([0], np.cumsum(valid)))
+        out = np.full(n, np.nan)
+        count = counts[k:] - counts[:-k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[k - 1 :] = np.where(count >= k / 2, (sums[k:] - sums[:-k]) / count, np.nan)
+        return out
+
+    def score(forecast_kw: np.ndarray) -> dict[str, float]:
+        good = scored & np.isfinite(forecast_kw)
+        return forecast_skill(target[good], np.clip(forecast_kw[good], 0.0, rated), power[good])
+
+    def best_on_2014(candidates: dict[float, np.ndarray]) -> np.ndarray:
+        good = fit_rows & np.isfinite(target) & np.isfinite(power)
+        errors = {
+            key: np.nanmean(np.abs(np.clip(values[good], 0.0, rated) - target[good]))
+            for key, values in candidates.items()
+        }
+        return candidates[min(errors, key=errors.get)]
+
+    t_s = np.arange(n) * record.interval_s + float(record.start_utc.astype(np.int64))
+    hour = ((t_s % 86400.0) // 3600.0).astype(int)
+    hourly = np.array([np.nanmean(power[fit_rows & (hour == h)]) for h in range(24)])
+    blends = {w: (1.0 - w) * power + w * hourly[hour] for w in (0.0, 0.01, 0.02, 0.05, 0.1)}
+    trend = (power - lagged(power, 3)) / 3.0 * steps
+    damped = {phi: power + phi * trend for phi in (0.0, 0.1, 0.2, 0.4)}
+
+    unit = power / rated
+    columns = [np.maximum(1.0 - np.abs(unit - knot) / 0.2, 0.0) for knot in np.linspace(0, 1, 6)]
+    columns += [(power - lagged(power, k)) / rated for k in (1, 3, 6)]
+    columns += [(trailing_mean(power, k) - power) / rated for k in (6, 36)]
+    speed = record.wind_speed_mps / 15.0
+    columns += [speed, speed**2, speed**3]
+    x = np.column_stack(columns)
+    change = (target - power) / rated
+    train = fit_rows & np.all(np.isfinite(x), axis=1) & np.isfinite(change)
+    weights = fit_quantile(x[train][::2], change[train][::2], 0.5)
+    regression = power + rated * (x @ weights)
+
+    gap = trailing_mean(power, 6) - power
+    cells = np.full(n, -1)
+    known = np.isfinite(power) & np.isfinite(gap)
+    level_edges = np.nanquantile(power[fit_rows], np.linspace(0, 1, 21)[1:-1])
+    gap_edges = np.nanquantile(gap[fit_rows], np.linspace(0, 1, 9)[1:-1])
+    cells[known] = (
+        np.searchsorted(level_edges, power[known]) * 8 + np.searchsorted(gap_edges, gap[known])
+    )
+    binned = power.copy()
+    learn = fit_rows & known & np.isfinite(change)
+    for cell in np.unique(cells[learn]):
+        inside = learn & (cells == cell)
+        if inside.sum() >= 30:
+            binned[cells == cell] = power[cells == cell] + rated * np.median(change[inside])
+
+    return {
+        "climatology_blend": score(best_on_2014(blends)),
+        "damped_trend": score(best_on_2014(damped)),
+        "ramp_regression": score(regression),
+        "level_and_mean_bins": score(binned),
+    }

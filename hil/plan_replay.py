@@ -472,6 +472,9 @@ def _score(
     soc_means = interval_means_kw(soc, step_s, interval_s)
     before = metrics.renewable_self_consumption(wind, net)
     after = metrics.renewable_self_consumption(wind, grid)
+    ceiling, ceiling_in_budget = _self_consumption_ceilings(
+        scenario, wind=wind, net=net, step_s=step_s
+    )
     return {
         "scenario": scenario.run.name,
         "duration_s": float(load.size * step_s),
@@ -483,6 +486,8 @@ def _score(
         "renewable_self_consumption_before": float(before),
         "renewable_self_consumption_after": float(after),
         "self_consumption_gain": float(after / before) if before > 0 else math.inf,
+        "renewable_self_consumption_ceiling": ceiling,
+        "renewable_self_consumption_ceiling_in_budget": ceiling_in_budget,
         "equivalent_full_cycles": metrics.equivalent_full_cycles(
             power, step_s, scenario.battery.energy_kwh
         ),
@@ -502,6 +507,36 @@ def _score(
             "soc_pct": soc_means.round(2).tolist(),
         },
     }
+
+
+def _self_consumption_ceilings(
+    scenario: Scenario, *, wind: np.ndarray, net: np.ndarray, step_s: float
+) -> tuple[float, float]:
+    """Return upper bounds on the self-consumption any battery could reach on this trace.
+
+    Without a battery, the renewable energy exported (``net`` < 0, at most the
+    renewable output) is lost to the site. A battery can only take energy
+    from that export and give it back when the site imports, so it adds at
+    most the smaller of the two energies, even lossless and unlimited in
+    size. Within the daily cycle budget it also moves at most
+    ``daily_cycle_budget`` capacities a day. The first bound ignores the
+    budget, the second applies it.
+    """
+    hours = step_s / 3600.0
+    produced_kwh = float(np.clip(wind, 0.0, None).sum() * hours)
+    if produced_kwh == 0:
+        return 1.0, 1.0
+    exported_kwh = float(np.minimum(np.clip(-net, 0.0, None), np.clip(wind, 0.0, None)).sum())
+    exported_kwh *= hours
+    imported_kwh = float(np.clip(net, 0.0, None).sum() * hours)
+    used_kwh = produced_kwh - exported_kwh
+    movable_kwh = min(exported_kwh, imported_kwh)
+    days = net.size * step_s / 86400.0
+    budget_kwh = scenario.tariff.daily_cycle_budget * scenario.battery.energy_kwh * days
+    return (
+        (used_kwh + movable_kwh) / produced_kwh,
+        (used_kwh + min(movable_kwh, budget_kwh)) / produced_kwh,
+    )
 
 
 def optimum_for(scenario: Scenario, duration_s: float | None = None) -> dict:

@@ -160,6 +160,39 @@ def test_plan_need_adds_anomaly():
     assert faded.billing_cap_kw == pytest.approx(expected, abs=0.6)
 
 
+def test_plan_drain_keeps_busiest_day_energy():
+    """An expensive-hour drain leaves what the most demanding past day would need."""
+    prices = [0.1] * 24
+    prices[2] = 0.05
+    prices[18] = 0.3
+    # Yesterday ran at 1100 kW from 20:00 to 22:00, else 500 kW; the day before at 500 kW.
+    busy = np.full(96, 500.0)
+    busy[80:88] = 1100.0
+    history = np.concatenate([[500.0], np.full(96, 500.0), busy, np.full(72, 500.0)])
+    now = T0 + 18 * 3600.0 + 60.0
+    inputs = _inputs(now=now, soc=50.0, load_forecast=_forecast([500.0] * 4, t=now))
+    caps = {}
+    for quantile in (0.0, 1.0):
+        config = _config(
+            battery=BatterySpec(1000.0, 500.0, 500.0),
+            initial_cap_kw=400.0,
+            energy_price_per_kwh=prices,
+            energy_quantile=quantile,
+        )
+        state = _state_with_history(config, now, history)
+        state = replace(state, billing_month=(2025, 2), billing_peak_kw=900.0)
+        plan, _ = plan_step(config, state, inputs)
+        assert plan.billing_cap_kw == 900.0
+        assert plan.reason.startswith("expensive hour")
+        caps[quantile] = plan.cap_kw
+    # The busy day needs (1100 - 900) kW for 2 h = 400 kWh at the 900 kW billing cap (no
+    # recharge configured). 500 kWh are stored, so 100 kWh may go in the 1-h drain time:
+    # the cap drops 100 kW below the 500 kW load.
+    assert caps[1.0] == pytest.approx(400.0)
+    # Planning for the quiet day alone, all 500 kWh would go at the PCS's 500 kW.
+    assert caps[0.0] == pytest.approx(1.0)
+
+
 def test_plan_demand_response_event():
     """An active event lowers the cap to its baseline minus the reduction."""
     config = _config()

@@ -376,12 +376,15 @@ class Forecaster:
         if self._weights is None or self._fit_failing:
             log.info("forecast_fitted", forecast=config.name, history_steps=int(y.size))
         if tuple(rejected) != self._rejected_horizons_s:
-            log.info(
-                "forecast_model_rejected" if rejected else "forecast_model_accepted",
-                forecast=config.name,
-                persistence_horizons_s=rejected,
-                reason="the fitted median did not beat persistence on the held-out history",
-            )
+            if rejected:
+                log.info(
+                    "forecast_model_rejected",
+                    forecast=config.name,
+                    persistence_horizons_s=rejected,
+                    reason="the fitted median did not beat persistence on the held-out history",
+                )
+            else:
+                log.info("forecast_model_accepted", forecast=config.name)
             self._rejected_horizons_s = tuple(rejected)
         self._weights = np.stack(weights)
         self._level_known = level_known

@@ -97,6 +97,11 @@ class PlannerConfig:
     outlook_s: float = 24 * 3600.0
     #: Quantile, across the outlook's scenarios, of the cap each scenario needs.
     need_quantile: float = 0.75
+    #: Quantile, across the scenarios, of the stored energy that holding the billing cap
+    #: needs. The SoC band recharges toward it and draining keeps it, so the default keeps
+    #: what the most demanding past day would need: a drain for arbitrage that leaves less
+    #: costs far more in demand charge than it earns.
+    energy_quantile: float = 1.0
     #: Time constant with which today's load anomaly against each past day fades.
     anomaly_tau_s: float = 4 * 3600.0
     #: Time constant with which the outlook lets the renewable output fade after the hour.
@@ -149,8 +154,9 @@ class PlannerConfig:
             problems.append(
                 f"outlook_s={self.outlook_s} must cover the forecast's hour and at most a day"
             )
-        if not 0.0 <= self.need_quantile <= 1.0:
-            problems.append(f"need_quantile={self.need_quantile} must be in [0, 1]")
+        for name in ("need_quantile", "energy_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1]")
         if problems:
             raise ValueError("invalid planner configuration: " + "; ".join(problems))
 
@@ -429,7 +435,7 @@ def plan_step(
     scenario_kwh = required_energy_kwh(
         outlook.scenarios_kw, billing_cap, battery, config.recharge_kw, config.interval_s
     )
-    needed_kwh = float(np.quantile(scenario_kwh, config.need_quantile)) + dr_energy_kwh
+    needed_kwh = float(np.quantile(scenario_kwh, config.energy_quantile)) + dr_energy_kwh
     top = battery.soc_max_pct
     band_max = top
     recharge_kwh = max(needed_kwh - outlook.surplus_kwh * battery.charge_efficiency, 0.0)
