@@ -271,18 +271,22 @@ def _events(scenario: Scenario, run_utc: float) -> list[DemandResponseEvent]:
     ]
 
 
-def run_plan_replay(scenario: Scenario, duration_s: float | None = None) -> dict:
+def run_plan_replay(
+    scenario: Scenario, duration_s: float | None = None, *, config: PlannerConfig | None = None
+) -> dict:
     """Replay ``scenario`` (or its first ``duration_s``) and return the scores.
 
     The result has the keys the ``bessgw plan replay --json`` output
-    documents, and the run's 15-minute series under ``series``.
+    documents, and the run's 15-minute series under ``series``. ``config``
+    replaces the planner settings that :func:`planner_config` builds from
+    the scenario, for experiments with the planner.
     """
     started = time.perf_counter()
     duration_s = scenario.run.duration_s if duration_s is None else duration_s
     settings = planner_settings(scenario)
     step_s = settings.step_s
     site = build_site(scenario, duration_s)
-    config = planner_config(scenario)
+    config = planner_config(scenario) if config is None else config
     book = HintBook()
     load_fc, wind_fc = _forecasters(scenario, book)
     events = _events(scenario, site.run_utc)
