@@ -216,3 +216,26 @@ def test_required_energy_with_recharge():
     assert required_energy_kwh(row, 2600 / 3, big, 40.0)[0] == pytest.approx(800.0 / 3 - 40.0)
     # Below the cap all day: nothing to store.
     assert required_energy_kwh(row, 1000.0, big, 40.0)[0] == 0.0
+
+
+def test_recharge_limit_per_interval():
+    # Two 1-h peaks at 1000 kW around 1 h at 800 kW, 200 kWh: with recharge between them the
+    # cap is 2600 / 3 kW (see above). Forbidding recharge in the gap leaves 200 kWh for both
+    # peaks, 100 kWh each: 1000 - 100 = 900 kW. A 40 kW limit refills 40 kWh: the cap C
+    # then solves 2 * (1000 - C) = 200 + 40, so C = 880 kW.
+    battery = BatterySpec(energy_kwh=200, discharge_kw=1000, charge_kw=1000)
+    row = np.array([[1000.0] * 4 + [800.0] * 4 + [1000.0] * 4])
+    assert optimal_peaks(row, battery, 100)[0] == pytest.approx(2600 / 3, abs=0.5)
+    assert optimal_peaks(row, battery, 100, recharge_limit_kw=0.0)[0] == pytest.approx(
+        900.0, abs=0.5
+    )
+    assert optimal_peaks(row, battery, 100, recharge_limit_kw=40.0)[0] == pytest.approx(
+        880.0, abs=0.5
+    )
+    # Per interval: recharge allowed only in the gap's last 15 minutes, at up to 1000 kW. It
+    # stores (C - 800) * 0.25 kWh there, so 2 * (1000 - C) = 200 + 0.25 * (C - 800), which
+    # gives C = 2000 / 2.25 = 888.9 kW.
+    limit = np.zeros((1, 12))
+    limit[0, 7] = 1000.0
+    found = optimal_peaks(row, battery, 100, recharge_limit_kw=limit)[0]
+    assert found == pytest.approx(2000 / 2.25, abs=0.5)

@@ -142,22 +142,27 @@ def feasible_caps(
     caps_kw: np.ndarray,
     battery: BatterySpec,
     soc_initial_pct: float,
+    *,
     interval_s: float = DEMAND_INTERVAL_S,
+    recharge_limit_kw: float | np.ndarray | None = None,
 ) -> np.ndarray:
     """Return, for each row of ``interval_kw`` and each of its caps, whether the cap holds.
 
     ``interval_kw`` has shape (rows, intervals) and ``caps_kw`` shape (rows,
     caps). Each entry runs the same greedy pass as :func:`hold_cap`, all at
     once with numpy, so many traces and caps cost one loop over the intervals.
+    ``recharge_limit_kw`` (a number, or one per row and interval) bounds the
+    recharge below the cap further than the battery's ``charge_kw`` does.
     """
     hours = interval_s / 3600.0
     e_min, e_max = battery.e_min_kwh, battery.e_max_kwh
     # Interval first, so that each step of the loop reads contiguous memory.
     excess_kw = interval_kw.T[:, :, None] - caps_kw[None, :, :]
+    charge_kw = _charge_limit_kw(battery, recharge_limit_kw, interval_kw.shape)
     # Per interval, what holding the cap asks of the battery in kW: discharge above the cap
     # (within the PCS rating), recharge below it.
     asked_out_kw = np.clip(excess_kw, 0.0, battery.discharge_kw)
-    asked_in_kw = np.clip(-excess_kw, 0.0, battery.charge_kw)
+    asked_in_kw = np.minimum(np.maximum(-excess_kw, 0.0), charge_kw.T[:, :, None])
     unmet_kw = excess_kw - asked_out_kw
     out_per_kwh = battery.discharge_efficiency / hours
     in_per_kwh = 1.0 / (battery.charge_efficiency * hours)
@@ -177,6 +182,15 @@ def feasible_caps(
     return shortfall_kw <= 1e-9
 
 
+def _charge_limit_kw(
+    battery: BatterySpec, recharge_limit_kw: float | np.ndarray | None, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Return the recharge limit per row and interval: the battery's, or lower where given."""
+    if recharge_limit_kw is None:
+        return np.full(shape, battery.charge_kw)
+    return np.minimum(np.broadcast_to(recharge_limit_kw, shape), battery.charge_kw)
+
+
 def optimal_peaks(
     interval_kw: np.ndarray,
     battery: BatterySpec,
@@ -186,6 +200,7 @@ def optimal_peaks(
     tolerance_kw: float = 0.5,
     grid_points: int = 64,
     guess_kw: np.ndarray | None = None,
+    recharge_limit_kw: float | np.ndarray | None = None,
 ) -> np.ndarray:
     """Find the lowest cap the battery can hold on each row of ``interval_kw`` (interval means).
 
@@ -196,8 +211,9 @@ def optimal_peaks(
     ``grid_points - 1`` per pass. ``guess_kw``, one value per row (such as
     the last minute's result), puts the first pass's caps within
     ``grid_points / 2 * tolerance_kw`` of it, so a guess that close ends the
-    search in one pass. The planner calls this every minute on a few traces
-    of a day each.
+    search in one pass. ``recharge_limit_kw`` is passed to
+    :func:`feasible_caps`. The planner calls this every minute on a few
+    traces of a day each.
     """
     rows = np.atleast_2d(np.asarray(interval_kw, dtype=float))
     if rows.size == 0 or not np.all(np.isfinite(rows)):
@@ -221,7 +237,14 @@ def optimal_peaks(
     while np.any(high - low > tolerance_kw):
         if caps is None:
             caps = low[:, None] + (high - low)[:, None] * fractions[None, :]
-        feasible = feasible_caps(rows, caps, battery, soc_initial_pct, interval_s)
+        feasible = feasible_caps(
+            rows,
+            caps,
+            battery,
+            soc_initial_pct,
+            interval_s=interval_s,
+            recharge_limit_kw=recharge_limit_kw,
+        )
         # The last cap (the bracket's top) is feasible, so argmax finds a feasible one.
         first = np.argmax(feasible, axis=1)
         high = caps[index, first]
@@ -234,21 +257,22 @@ def required_energy_kwh(
     interval_kw: np.ndarray,
     cap_kw: float,
     battery: BatterySpec,
-    recharge_kw: float,
+    recharge_limit_kw: float | np.ndarray,
     interval_s: float = DEMAND_INTERVAL_S,
 ) -> np.ndarray:
     """Return the stored energy above ``soc_min_pct`` that each row needs now to hold ``cap_kw``.
 
-    ``interval_kw`` has shape (rows, intervals). The pass runs backwards:
-    an interval above the cap adds what the battery gives there, and one
-    below it takes off what recharging at up to ``recharge_kw`` under the
-    cap stores there. The need never drops below zero, and never rises above
+    ``interval_kw`` has shape (rows, intervals); ``recharge_limit_kw`` is a
+    number or one value per row and interval. The pass runs backwards: an
+    interval above the cap adds what the battery gives there, and one below
+    it takes off what recharging at up to ``recharge_limit_kw`` under the cap
+    stores there. The need never drops below zero, and never rises above
     the usable band, which is where a cap that cannot be held ends up.
     """
     rows = np.atleast_2d(np.asarray(interval_kw, dtype=float))
     hours = interval_s / 3600.0
     usable_kwh = battery.e_max_kwh - battery.e_min_kwh
-    charge_kw = min(recharge_kw, battery.charge_kw)
+    charge_kw = _charge_limit_kw(battery, recharge_limit_kw, rows.shape)
     excess_kw = rows - cap_kw
     drawn = np.clip(excess_kw, 0.0, battery.discharge_kw) * (hours / battery.discharge_efficiency)
     stored = np.clip(-excess_kw, 0.0, charge_kw) * (hours * battery.charge_efficiency)

@@ -25,10 +25,12 @@ mean import of the billing period (a calendar month, UTC), so:
 
 The SoC band sets where the fast loop recharges and where it derates.
 Its lower edge is the reserve plus the energy that holding the cap through
-the outlook needs now (:func:`~gateway.plan.optimum.required_energy_kwh`,
-the same quantile across scenarios, counting recharge under the cap later
-on), less the renewable surplus expected in the hour, so the battery is
-charged from surplus before the grid. While the load is at the
+the outlook needs (:func:`~gateway.plan.optimum.required_energy_kwh`, the
+``energy_quantile`` across scenarios), less the renewable surplus expected
+in the hour, so the battery is charged from surplus before the grid. That
+energy counts no recharge later on: the battery refills while there is room
+under the paid peak, instead of counting on room that a rising load may
+take. While the load is at the
 cap the lower edge drops to the reserve, because the fast loop derates
 discharge below it.
 
@@ -390,6 +392,13 @@ def plan_step(
         terms["initial cap"] = config.initial_cap_kw
     elif config.history_floor or (soc is None and state.last_plan is None):
         terms["history optimum"] = state.prior_cap_kw
+    # Recharging from the grid may only use room under the peak already paid for (or the
+    # history optimum): a recharge that rises to a cap raised for the outlook sets a new peak.
+    # So the needs count recharge at the fast loop's recharge_kw, and only where the outlook
+    # leaves that much room.
+    paid_kw = max(state.billing_peak_kw, state.prior_cap_kw or config.initial_cap_kw)
+    room = outlook.scenarios_kw + config.recharge_kw <= paid_kw
+    recharge_limit_kw = np.where(room, config.recharge_kw, 0.0)
     needs = state.scenario_needs_kw
     if soc is not None:
         guess = np.asarray(needs) if len(needs) == outlook.scenarios_kw.shape[0] else None
@@ -400,6 +409,7 @@ def plan_step(
             interval_s=config.interval_s,
             tolerance_kw=0.5,
             guess_kw=guess,
+            recharge_limit_kw=recharge_limit_kw,
         )
         terms["forecast need"] = float(np.quantile(needs, config.need_quantile))
         needs = tuple(needs.tolist())
@@ -432,8 +442,9 @@ def plan_step(
     baselines = {k: v for k, v in baselines.items() if any(e.event_id == k for e in inputs.events)}
 
     # SoC band: recharge toward what the cap and the events need, surplus first.
+    # No recharge later on is counted here, so that the battery refills as soon as it can.
     scenario_kwh = required_energy_kwh(
-        outlook.scenarios_kw, billing_cap, battery, config.recharge_kw, config.interval_s
+        outlook.scenarios_kw, billing_cap, battery, 0.0, config.interval_s
     )
     needed_kwh = float(np.quantile(scenario_kwh, config.energy_quantile)) + dr_energy_kwh
     top = battery.soc_max_pct
@@ -449,9 +460,6 @@ def plan_step(
         band_min = top - config.soc_band_top_pct
         reason_key += "; time-of-use charge"
     band_min = min(band_min, top - config.soc_band_top_pct)
-    # Recharging from the grid may only use room under the peak already paid for (or the
-    # history optimum): a recharge that rises to a cap raised for the outlook sets a new peak.
-    paid_kw = max(state.billing_peak_kw, state.prior_cap_kw or config.initial_cap_kw)
     no_room = outlook.hour_point_kw[0] + config.recharge_kw > paid_kw
     if at_cap or no_room:
         band_min = battery.soc_min_pct
