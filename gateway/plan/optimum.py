@@ -145,6 +145,7 @@ def feasible_caps(
     *,
     interval_s: float = DEMAND_INTERVAL_S,
     recharge_limit_kw: float | np.ndarray | None = None,
+    recharge_ceiling_kw: float = math.inf,
 ) -> np.ndarray:
     """Return, for each row of ``interval_kw`` and each of its caps, whether the cap holds.
 
@@ -152,17 +153,22 @@ def feasible_caps(
     caps). Each entry runs the same greedy pass as :func:`hold_cap`, all at
     once with numpy, so many traces and caps cost one loop over the intervals.
     ``recharge_limit_kw`` (a number, or one per row and interval) bounds the
-    recharge below the cap further than the battery's ``charge_kw`` does.
+    recharge below the cap further than the battery's ``charge_kw`` does. An
+    interval recharges only if its load plus that limit stays at or below the
+    cap or ``recharge_ceiling_kw``, whichever is higher: the way a fast loop
+    recharges at a fixed power, and only under the peak already paid for.
     """
     hours = interval_s / 3600.0
     e_min, e_max = battery.e_min_kwh, battery.e_max_kwh
     # Interval first, so that each step of the loop reads contiguous memory.
-    excess_kw = interval_kw.T[:, :, None] - caps_kw[None, :, :]
-    charge_kw = _charge_limit_kw(battery, recharge_limit_kw, interval_kw.shape)
+    loads_kw = interval_kw.T[:, :, None]
+    excess_kw = loads_kw - caps_kw[None, :, :]
+    charge_kw = _charge_limit_kw(battery, recharge_limit_kw, interval_kw.shape).T[:, :, None]
+    room = loads_kw + charge_kw <= np.maximum(caps_kw[None, :, :], recharge_ceiling_kw)
     # Per interval, what holding the cap asks of the battery in kW: discharge above the cap
     # (within the PCS rating), recharge below it.
     asked_out_kw = np.clip(excess_kw, 0.0, battery.discharge_kw)
-    asked_in_kw = np.minimum(np.maximum(-excess_kw, 0.0), charge_kw.T[:, :, None])
+    asked_in_kw = np.where(room, np.minimum(np.maximum(-excess_kw, 0.0), charge_kw), 0.0)
     unmet_kw = excess_kw - asked_out_kw
     out_per_kwh = battery.discharge_efficiency / hours
     in_per_kwh = 1.0 / (battery.charge_efficiency * hours)
@@ -201,6 +207,7 @@ def optimal_peaks(
     grid_points: int = 64,
     guess_kw: np.ndarray | None = None,
     recharge_limit_kw: float | np.ndarray | None = None,
+    recharge_ceiling_kw: float = math.inf,
 ) -> np.ndarray:
     """Find the lowest cap the battery can hold on each row of ``interval_kw`` (interval means).
 
@@ -211,9 +218,9 @@ def optimal_peaks(
     ``grid_points - 1`` per pass. ``guess_kw``, one value per row (such as
     the last minute's result), puts the first pass's caps within
     ``grid_points / 2 * tolerance_kw`` of it, so a guess that close ends the
-    search in one pass. ``recharge_limit_kw`` is passed to
-    :func:`feasible_caps`. The planner calls this every minute on a few
-    traces of a day each.
+    search in one pass. ``recharge_limit_kw`` and ``recharge_ceiling_kw``
+    are passed to :func:`feasible_caps`. The planner calls this every minute
+    on a few traces of a day each.
     """
     rows = np.atleast_2d(np.asarray(interval_kw, dtype=float))
     if rows.size == 0 or not np.all(np.isfinite(rows)):
@@ -244,6 +251,7 @@ def optimal_peaks(
             soc_initial_pct,
             interval_s=interval_s,
             recharge_limit_kw=recharge_limit_kw,
+            recharge_ceiling_kw=recharge_ceiling_kw,
         )
         # The last cap (the bracket's top) is feasible, so argmax finds a feasible one.
         first = np.argmax(feasible, axis=1)

@@ -395,10 +395,9 @@ def plan_step(
     # Recharging from the grid may only use room under the peak already paid for (or the
     # history optimum): a recharge that rises to a cap raised for the outlook sets a new peak.
     # So the needs count recharge at the fast loop's recharge_kw, and only where the outlook
-    # leaves that much room.
+    # leaves that much room under the paid peak or the cap being tried, which a scenario
+    # that needs that cap pays anyway.
     paid_kw = max(state.billing_peak_kw, state.prior_cap_kw or config.initial_cap_kw)
-    room = outlook.scenarios_kw + config.recharge_kw <= paid_kw
-    recharge_limit_kw = np.where(room, config.recharge_kw, 0.0)
     needs = state.scenario_needs_kw
     if soc is not None:
         guess = np.asarray(needs) if len(needs) == outlook.scenarios_kw.shape[0] else None
@@ -409,7 +408,8 @@ def plan_step(
             interval_s=config.interval_s,
             tolerance_kw=0.5,
             guess_kw=guess,
-            recharge_limit_kw=recharge_limit_kw,
+            recharge_limit_kw=config.recharge_kw,
+            recharge_ceiling_kw=paid_kw,
         )
         terms["forecast need"] = float(np.quantile(needs, config.need_quantile))
         needs = tuple(needs.tolist())
