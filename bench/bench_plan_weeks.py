@@ -11,6 +11,12 @@ prints each week's capture ratio and their mean. ``--set`` overrides a
 example ``--set need_quantile=0.6``), so a planner change can be measured
 on all seven weeks.
 
+``--oracle`` is a diagnostic that breaks the planner's rule of knowing only
+the past: its outlook becomes the true net load of the next day, as one
+scenario. What the planner then still misses is lost in the planning
+machinery (the fast loop, interval means, recharge rules), not to a lack of
+information.
+
 At ``--step-s 60`` the plant and the coarse fast loop step once a minute,
 like the planner, and a week takes about 25 s on the shared 2-core machine;
 the figures differ from those at the scenario's 1-s step by a few
@@ -66,7 +72,7 @@ def _planner_config_type() -> type:
     return PlannerConfig
 
 
-def replay_week(seed: int, monday: str, step_s: float, overrides: dict) -> dict:
+def replay_week(seed: int, monday: str, step_s: float, overrides: dict, oracle: bool) -> dict:
     """Replay nordic-week with the job stream ``seed`` and the wind week from ``monday``."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     import hil.plan_replay as replay  # noqa: PLC0415 - imported in the worker process
@@ -77,9 +83,35 @@ def replay_week(seed: int, monday: str, step_s: float, overrides: dict) -> dict:
     planner = scenario.planner.model_copy(update={"step_s": step_s})
     scenario = scenario.model_copy(update={"run": run, "planner": planner})
     config = dataclasses.replace(replay.planner_config(scenario), **overrides)
+    if oracle:
+        _give_outlook_the_future(scenario, config)
     result = replay.run_plan_replay(scenario, config=config)
     result.pop("series")
     return {"seed": seed, "week": monday, **result}
+
+
+def _give_outlook_the_future(scenario, config) -> None:
+    """Replace the planner's outlook, in this process, by the true net load of the next day."""
+    import numpy as np  # noqa: PLC0415
+
+    import gateway.plan.planner as planner_module  # noqa: PLC0415
+    from gateway.plan.outlook import build_outlook  # noqa: PLC0415
+    from hil.plan_replay import build_site  # noqa: PLC0415
+
+    site = build_site(scenario, scenario.run.duration_s)
+    net_kw = site.load_kw - site.wind_kw
+    per_interval = round(config.interval_s / site.step_s)
+    intervals = round(config.outlook_s / config.interval_s)
+
+    def future(config, state, inputs):
+        outlook = build_outlook(config, state, inputs)
+        first = round((inputs.now_utc - site.first_utc) / site.step_s)
+        ahead = net_kw[first : first + intervals * per_interval]
+        ahead = np.pad(ahead, (0, intervals * per_interval - ahead.size), mode="edge")
+        means = ahead.reshape(intervals, per_interval).mean(axis=1)
+        return dataclasses.replace(outlook, scenarios_kw=means[None, :])
+
+    planner_module.build_outlook = future
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="override a PlannerConfig field for every week; repeat for more",
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="diagnostic: give the planner the true net load of the next day as its outlook",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     overrides = dict(args.overrides)
@@ -103,17 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
         futures = [
-            pool.submit(replay_week, seed, monday, args.step_s, overrides) for seed, monday in WEEKS
+            pool.submit(replay_week, seed, monday, args.step_s, overrides, args.oracle)
+            for seed, monday in WEEKS
         ]
         weeks = [future.result() for future in futures]
     elapsed_s = time.perf_counter() - started
     mean = sum(week["capture_ratio"] for week in weeks) / len(weeks)
 
     if args.json:
-        summary = {"command": COMMAND, "step_s": args.step_s, "overrides": overrides}
+        summary = {
+            "command": COMMAND,
+            "step_s": args.step_s,
+            "overrides": overrides,
+            "oracle": args.oracle,
+        }
         print(json.dumps({**summary, "mean_capture_ratio": mean, "weeks": weeks}, indent=2))
         return 0
-    print(f"command: {COMMAND}, step {args.step_s:g} s, overrides {overrides or 'none'}")
+    oracle = ", oracle outlook (knows the next day)" if args.oracle else ""
+    print(f"command: {COMMAND}, step {args.step_s:g} s, overrides {overrides or 'none'}{oracle}")
     print(f"{'seed':>4} {'week':<11} {'no battery':>10} {'bessgw':>8} {'optimum':>8} "
           f"{'capture':>8} {'cycles':>7}")
     for week in weeks:
