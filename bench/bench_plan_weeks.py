@@ -18,8 +18,8 @@ machinery (the fast loop, interval means, recharge rules), not to a lack of
 information.
 
 At ``--step-s 60`` the plant and the coarse fast loop step once a minute,
-like the planner, and a week takes about 25 s on the shared 2-core machine;
-the figures differ from those at the scenario's 1-s step by a few
+like the planner, and a week takes about 25 s on the shared 2-core machine.
+The figures then differ from those at the scenario's 1-s step by a few
 hundredths of capture ratio. Two weeks run at a time.
 """
 

@@ -159,7 +159,7 @@ def _score(values: np.ndarray, bands: np.ndarray, horizon: int, warmup: int) -> 
 def wind_alternatives(*, horizon_s: float = 3600.0) -> dict[str, dict[str, float]]:
     """Score other 1-hour wind forecasts on the plant record: fitted on 2014, scored on 2015.
 
-    Every model sees only the plant's own 10-minute history up to the
+    Every model uses only the plant's own 10-minute history up to the
     forecast time. Free parameters (blend weight, damping) are chosen on
     2014 by mean absolute error. The models:
 

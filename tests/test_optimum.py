@@ -204,9 +204,9 @@ def test_optimal_peaks_match_bisection(rows, energy, power, efficiency, soc, off
 
 def test_required_energy_with_recharge():
     # Two 1-h peaks at 1000 kW with 1 h at 800 kW between them, cap 2600 / 3 kW: each peak
-    # takes 133.3 kWh, and the gap refills 66.7 kWh when recharging may use the room under
-    # the cap, so 200 kWh must be stored now. Without recharge both peaks come from storage:
-    # 266.7 kWh, more than the 200 kWh band holds, so the need stops at 200.
+    # takes 133.3 kWh. When recharging may use the room under the cap, the gap refills
+    # 66.7 kWh, so 200 kWh must be stored now. Without recharge both peaks come from
+    # storage: 266.7 kWh, more than a 200 kWh band has, so the need stops at 200.
     battery = BatterySpec(energy_kwh=200, discharge_kw=1000, charge_kw=1000)
     row = np.array([1000.0] * 4 + [800.0] * 4 + [1000.0] * 4)
     assert required_energy_kwh(row, 2600 / 3, battery, 1000.0)[0] == pytest.approx(200.0)

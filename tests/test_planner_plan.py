@@ -171,6 +171,7 @@ def test_plan_drain_keeps_busiest_day_energy():
     history = np.concatenate([[500.0], np.full(96, 500.0), busy, np.full(72, 500.0)])
     now = T0 + 18 * 3600.0 + 60.0
     inputs = _inputs(now=now, soc=50.0, load_forecast=_forecast([500.0] * 4, t=now))
+
     caps = {}
     for quantile in (0.0, 1.0):
         config = _config(

@@ -31,6 +31,11 @@ undefined, the forecast falls back to persistence plus the hinted starts
 minus stops. Its outer quantiles then lie ``cold_spread_fraction *
 scale_kw * sqrt(hours ahead)`` from the median, a spread that is an
 assumption, not a fit.
+
+NOTE: for a wind farm the 1-hour median stays within about 2 % of
+persistence's error (``bench/bench_forecast.py`` on two years of one plant),
+whatever the features. Better wind forecasts need an input this module does
+not take, such as a numerical weather prediction.
 """
 
 from __future__ import annotations
@@ -341,9 +346,9 @@ class Forecaster:
         stride = max(config.steps(config.fit_stride_s), 1)
         rows = np.arange(y.size - 1, -1, -stride)[::-1]
         base = self._design(y, rows, t0)
-        # Levels the history barely visits leave their column's weight to chance (a week of
-        # strong wind says nothing about the first hour after a calm), so those columns are
-        # left out of the fit, and predict() falls back to persistence at such a level.
+        # Levels the history barely visits leave their column's weight to chance: a week of
+        # strong wind tells the model nothing about the first hour after a calm. So those
+        # columns are left out of the fit, and predict() falls back to persistence there.
         hats = np.nan_to_num(base[:, : _HAT_KNOTS.size])
         support = hats.sum(axis=0)
         level_known = support >= max(_MIN_LEVEL_ROWS, _MIN_LEVEL_SHARE * rows.size)
@@ -397,9 +402,9 @@ class Forecaster:
         The median is first fitted without the most recent ``validation_fraction``
         of the rows and scored on them. If its mean absolute error there is not
         below persistence's, a short or unusual history has misled it (a week
-        that happened to hold one big wind ramp, say), and the horizon falls
-        back to persistence: the weights then only add the history's quantiles
-        of the change, through the level columns, which sum to one.
+        with one big wind ramp, for example). The horizon then falls back to
+        persistence: its weights only add the history's quantiles of the
+        change, through the level columns, which sum to one.
         """
         quantiles = self.config.quantiles
         split = round(x.shape[0] * (1.0 - self.config.validation_fraction))

@@ -165,19 +165,19 @@ def feasible_caps(
     excess_kw = loads_kw - caps_kw[None, :, :]
     charge_kw = _charge_limit_kw(battery, recharge_limit_kw, interval_kw.shape).T[:, :, None]
     room = loads_kw + charge_kw <= np.maximum(caps_kw[None, :, :], recharge_ceiling_kw)
-    # Per interval, what holding the cap asks of the battery in kW: discharge above the cap
-    # (within the PCS rating), recharge below it.
-    asked_out_kw = np.clip(excess_kw, 0.0, battery.discharge_kw)
-    asked_in_kw = np.where(room, np.minimum(np.maximum(-excess_kw, 0.0), charge_kw), 0.0)
-    unmet_kw = excess_kw - asked_out_kw
+    # Per interval, the battery power that holding the cap requests in kW: discharge above
+    # the cap (within the PCS rating), recharge below it.
+    discharge_request_kw = np.clip(excess_kw, 0.0, battery.discharge_kw)
+    charge_request_kw = np.where(room, np.minimum(np.maximum(-excess_kw, 0.0), charge_kw), 0.0)
+    unmet_kw = excess_kw - discharge_request_kw
     out_per_kwh = battery.discharge_efficiency / hours
     in_per_kwh = 1.0 / (battery.charge_efficiency * hours)
     energy = np.full(caps_kw.shape, battery.energy_at_kwh(soc_initial_pct))
     given_kw = np.empty(caps_kw.shape)
     taken_kw = np.empty(caps_kw.shape)
     shortfall_kw = np.max(unmet_kw, axis=0)
-    for out_kw, in_kw in zip(asked_out_kw, asked_in_kw, strict=True):
-        # The most the battery can give, and take, in this interval, as a mean power.
+    for out_kw, in_kw in zip(discharge_request_kw, charge_request_kw, strict=True):
+        # The maximum the battery can give, and take, in this interval, as a mean power.
         np.maximum(energy - e_min, 0.0, out=given_kw)
         np.minimum(out_kw, given_kw * out_per_kwh, out=given_kw)
         np.maximum(shortfall_kw, out_kw - given_kw, out=shortfall_kw)

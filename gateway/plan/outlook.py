@@ -14,7 +14,7 @@ ahead (a day by default) as a set of scenarios, all in 15-minute means:
   stay high for some hours, and further ahead the past day's shape wins.
 * Renewable output after the hour is the lower forecast quantile at one
   hour, fading with time constant ``renewable_fade_s``. Past days' wind
-  says nothing about tomorrow's, so the scenarios plan for a calm spell.
+  does not predict tomorrow's, so the scenarios plan for a calm spell.
 
 Until a day of history exists there is one scenario: the forecast's hour,
 then its median at one hour held for ``fallback_hold_s``.
@@ -65,8 +65,8 @@ def build_outlook(config: PlannerConfig, state: PlannerState, inputs: PlannerInp
     count = max(round(config.outlook_s / config.interval_s) - point.size, 0)
     loads = _past_day_scenarios(config, state, point.size, count)
     if loads is None:
-        held = np.full(min(round(config.fallback_hold_s / config.interval_s), count), point[-1])
-        scenarios = np.concatenate([upper, held])[None, :]
+        hold_count = min(round(config.fallback_hold_s / config.interval_s), count)
+        scenarios = np.concatenate([upper, np.full(hold_count, point[-1])])[None, :]
     else:
         after_s = (np.arange(count) + 1) * config.interval_s
         renewable = wind_lower_kw * np.exp(-after_s / config.renewable_fade_s)

@@ -21,7 +21,7 @@ mean import of the billing period (a calendar month, UTC), so:
 3. With ``history_floor`` it also never goes below the *history optimum*:
    the lowest peak the battery could have held over the last days of
    measured load, with perfect hindsight. Until a day of history exists,
-   ``initial_cap_kw`` stands in for the outlook's past days.
+   ``initial_cap_kw`` replaces the outlook's past days.
 
 The SoC band sets where the fast loop recharges and where it derates.
 Its lower edge is the reserve plus the energy that holding the cap through
@@ -108,7 +108,7 @@ class PlannerConfig:
     anomaly_tau_s: float = 4 * 3600.0
     #: Time constant with which the outlook lets the renewable output fade after the hour.
     renewable_fade_s: float = 6 * 3600.0
-    #: Without a day of history, the outlook holds the forecast's median at 1 h this long.
+    #: Without a day of history, the outlook keeps the forecast's median at 1 h this long.
     fallback_hold_s: float = 2 * 3600.0
     #: Kept between the planned cap and the fast loop's, for meter error and 1-minute lag.
     cap_margin_kw: float = 0.0
