@@ -100,8 +100,8 @@ class MeasurementStore:
         if health.up:
             log.error("device_down", device=name, role=health.role, error=error)
         elif health.errors == 1 and not health.ever_up:
-            # At start every link is still connecting; the daemon's
-            # waiting_for_devices line names who has not answered yet.
+            # At start every link is still connecting. The daemon's
+            # waiting_for_devices line lists the devices with no good read yet.
             log.info("device_not_answered_yet", device=name, role=health.role, error=error)
         health.up = False
 

@@ -42,8 +42,8 @@ SIGTERM_RAMP_S = 2.0
 _RIG_CONTROL = {
     "rate_hz": 1000,
     # SCHED_FIFO keeps the 1 kHz thread ticking while the simulators and other
-    # jobs load the HIL host; a user without CAP_SYS_NICE gets a logged refusal
-    # and the loop runs without it. Locking memory stays off on a shared host.
+    # jobs load the HIL host. Without CAP_SYS_NICE the loop logs that the request
+    # was rejected and runs without it. Locking memory stays off on a shared host.
     "rt_priority": 50,
     "lock_memory": False,
     # The same values the SIL replay gives the law (hil.sil.law_params).

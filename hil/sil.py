@@ -53,7 +53,7 @@ class SilResult:
 
 
 def law_params(scenario: Scenario) -> law.LawParams:
-    """The fast-loop parameters the generated gateway configuration gives for this scenario."""
+    """Build the fast-loop parameters that the generated gateway configuration gives."""
     units = scenario.pcs.units
     return law.LawParams(
         rated_kw=np.full(units, scenario.pcs.rated_kw),

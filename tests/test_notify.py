@@ -44,7 +44,7 @@ def test_notifier_ready_status(notify_socket):
 
 
 def test_notifier_full_queue_does_not_block(notify_socket):
-    # Nobody reads the socket, so the kernel queue fills after a few dozen
+    # The test never reads the socket, so the kernel queue fills after a few dozen
     # datagrams. A send must then fail and be counted, never wait for room.
     path, sock = notify_socket
     notifier = Notifier({"NOTIFY_SOCKET": path})

@@ -153,7 +153,7 @@ class PeriodicPredictor:
         """Add the latest measured load and return the load input for the fast loop, in kW.
 
         A non-finite ``measured_kw`` resets the predictor and is returned as
-        it is, so the fast loop's validity check sees it.
+        it is, so the fast loop's validity check rejects it.
         """
         if not math.isfinite(measured_kw):
             self.reset()
