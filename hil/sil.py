@@ -38,6 +38,10 @@ GOOD = 0  # drivers.quality.Quality.GOOD
 BMS_PERIOD_S = 1.0
 #: The daemon's input cycle: how often it writes the fast loop's inputs.
 INPUT_PERIOD_S = 0.01
+#: How long the HIL rig holds the traces' first values while the daemon starts, before run
+#: time 0 (READY and the switch to running took 5.3 s in `make demo`); the daemon's
+#: predictor sees that flat stretch first, so the replay feeds it the same.
+WARMUP_HOLD_S = 5.0
 
 
 @dataclass
@@ -195,6 +199,10 @@ def run_sil(
         else None
     )
     gain = np.zeros(n)
+    if predictor is not None:
+        held_kw = float(traces.racks_kw[:, 0].sum() + traces.facility_kw[0] - traces.wind_kw[0])
+        for _ in range(round(WARMUP_HOLD_S / INPUT_PERIOD_S)):
+            predictor.update(held_kw)
 
     for i in range(n):
         t_s = i * dt_s

@@ -31,6 +31,50 @@ def test_predictor_finds_period():
     assert predictor.gain > 0.95
 
 
+def test_predictor_never_takes_a_multiple_of_the_period():
+    # A clean square wave correlates as well at 3.0 s as at 1.5 s; every
+    # estimate must name the period itself.
+    predictor = PeriodicPredictor(PredictorParams(sample_period_s=DT_S, lead_s=0.0))
+    t = np.arange(0, 30, DT_S)
+    periods = []
+    for value in square_wave(t, 1.5, 300.0, 800.0):
+        predictor.update(float(value))
+        if predictor.period_s is not None and predictor.gain > 0:
+            periods.append(predictor.period_s)
+    assert len(periods) > 2000
+    assert max(abs(np.array(periods) - 1.5)) < 2 * DT_S
+
+
+def test_predictor_warms_up_within_three_periods():
+    # From a cold start (or a reset) the gain must open before the 8 s window
+    # fills: the estimate runs on the history there is.
+    predictor = PeriodicPredictor(PredictorParams(sample_period_s=DT_S))
+    t = np.arange(0, 8, DT_S)
+    first_open = None
+    for k, value in enumerate(square_wave(t, 1.5, 300.0, 800.0)):
+        predictor.update(float(value))
+        if first_open is None and predictor.gain > 0.9:
+            first_open = t[k]
+    assert first_open is not None
+    assert first_open < 4.5
+
+
+def test_predictor_warms_up_after_a_flat_start():
+    # The HIL rig holds the load flat while the daemon starts; the swings that
+    # follow must still be found well before the window has forgotten the flat part.
+    t = np.arange(0, 12, DT_S)
+    x = square_wave(t, 1.5, 300.0, 800.0)
+    x[t < 3.0] = 800.0
+    predictor = PeriodicPredictor(PredictorParams(sample_period_s=DT_S))
+    first_open = None
+    for k, value in enumerate(x):
+        predictor.update(float(value))
+        if first_open is None and predictor.gain > 0.9:
+            first_open = t[k]
+    assert first_open is not None
+    assert first_open < 3.0 + 3.5
+
+
 def test_predictor_leads_by_lead_time():
     # With a clean periodic input the output at t equals the input at t + lead:
     # the prediction is the value one period ago shifted forward by the lead.
@@ -92,6 +136,7 @@ def test_predictor_nan_resets():
         ({"window_s": 4.0}, "window_s=4.0"),
         ({"gate_low": 0.9, "gate_high": 0.8}, "gate_low"),
         ({"sample_period_s": 0.0}, "sample_period_s=0.0"),
+        ({"warmup_estimate_every_s": 2.0}, "warmup_estimate_every_s=2.0"),
     ],
 )
 def test_predictor_params_invalid(changes, message):

@@ -12,10 +12,13 @@ the battery must meet when its command takes effect::
 Checkpoints, job starts and stops are not periodic, so the prediction is
 blended with the measured load by a gain in [0, 1]:
 
-- ``periodicity``: the normalised autocorrelation of the last
-  ``window_s`` of measured load at the estimated period, re-estimated every
-  ``estimate_every_s``. The gain rises from 0 at ``gate_low`` to 1 at
-  ``gate_high``.
+- ``periodicity``: how well the newest period of the measured load repeats
+  the one before it, at the period that the autocorrelation of the last
+  ``window_s`` names; re-estimated every ``estimate_every_s``. The gain rises from 0 at ``gate_low`` to 1 at
+  ``gate_high``. Until the window is full (the first ``window_s`` after a
+  start or a reset) the estimate uses the history there is, searching
+  periods up to half its length, and runs every ``warmup_estimate_every_s``:
+  a 1.5 s period is found about 3 s after the start instead of 8 s.
 - ``agreement``: how well the last period matched the current one over
   the last ``error_window_s``; a checkpoint dip or a job stop breaks it
   within a fraction of a second, long before the autocorrelation notices.
@@ -34,6 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
+#: A shorter lag wins over the best one when its correlation is at most this much lower.
+PEAK_TOLERANCE = 0.05
+
+
 @dataclass(frozen=True)
 class PredictorParams:
     """Timing of the predictor; all times in seconds."""
@@ -48,6 +55,8 @@ class PredictorParams:
     min_period_s: float = 0.4
     max_period_s: float = 4.0
     estimate_every_s: float = 1.0
+    #: Estimate spacing while the window is still filling.
+    warmup_estimate_every_s: float = 0.25
     gate_low: float = 0.6
     gate_high: float = 0.85
     #: Span over which the last period must match the current one.
@@ -71,6 +80,11 @@ class PredictorParams:
             )
         if not 0 <= self.gate_low < self.gate_high <= 1:
             problems.append("need 0 <= gate_low < gate_high <= 1")
+        if not 0 < self.warmup_estimate_every_s <= self.estimate_every_s:
+            problems.append(
+                f"warmup_estimate_every_s={self.warmup_estimate_every_s} must be > 0 and at most"
+                f" estimate_every_s={self.estimate_every_s}"
+            )
         if not (self.error_window_s > 0 and self.max_relative_error > 0):
             problems.append("error_window_s and max_relative_error must be > 0")
         if problems:
@@ -92,10 +106,12 @@ class PeriodicPredictor:
         self._count = 0
         self._since_estimate = 0
         self._estimate_every = max(round(p.estimate_every_s / p.sample_period_s), 1)
+        self._warmup_estimate_every = max(round(p.warmup_estimate_every_s / p.sample_period_s), 1)
+        self._min_lag = max(round(p.min_period_s / p.sample_period_s), 2)
         self._error_samples = max(round(p.error_window_s / p.sample_period_s), 1)
         #: Estimated iteration period in seconds; None until the history is long enough.
         self.period_s: float | None = None
-        #: Normalised autocorrelation at ``period_s``, in [-1, 1].
+        #: How well the newest period repeats the one before it, in [-1, 1].
         self.periodicity = 0.0
         #: Last blend gain in [0, 1] and its two factors.
         self.gain = 0.0
@@ -126,9 +142,26 @@ class PeriodicPredictor:
         b = self._ring[(newest - lower - 1) % self._size] if frac > 0 else a
         return float(a + frac * (b - a))
 
+    @staticmethod
+    def _period_match(x: np.ndarray, lag: int) -> float:
+        """Return how well the newest period of ``x`` repeats the one before it, in [-1, 1].
+
+        1 - |a - b|^2 / (|a - m|^2 + |b - m|^2) for the newest ``lag`` samples a, the
+        ``lag`` samples before them b, and m the mean of both: 1 only when they are equal,
+        lower for a different shape or amplitude. Only the last two periods count, so a
+        flat stretch further back (a start, a checkpoint) does not hold the gain shut.
+        """
+        a = x[-lag:]
+        b = x[-2 * lag : -lag]
+        mean = 0.5 * (a.mean() + b.mean())
+        spread = float(np.sum((a - mean) ** 2) + np.sum((b - mean) ** 2))
+        if spread <= 0:
+            return 0.0
+        return 1.0 - float(np.sum((a - b) ** 2)) / spread
+
     def _estimate_period(self) -> None:
         p = self.params
-        x = self._history(self._size)
+        x = self._history(min(self._count, self._size))
         x = x - x.mean()
         n = x.size
         spectrum = np.fft.rfft(x, 2 * n)
@@ -138,16 +171,38 @@ class PeriodicPredictor:
         if corr[0] <= 0:
             self.period_s, self.periodicity = None, 0.0
             return
-        lo = max(round(p.min_period_s / p.sample_period_s), 2)
-        hi = min(round(p.max_period_s / p.sample_period_s), n - 2)
-        lag = lo + int(np.argmax(corr[lo : hi + 1]))
-        # Parabolic refinement of the peak to a fraction of a sample.
-        left, centre, right = corr[lag - 1], corr[lag], corr[lag + 1]
+        lo = self._min_lag
+        # At least one whole period of overlap behind every lag searched.
+        hi = min(round(p.max_period_s / p.sample_period_s), n // 2)
+        if hi <= lo:
+            self.period_s, self.periodicity = None, 0.0
+            return
+        searched = corr[lo : hi + 1] / corr[0]
+        # Every multiple of the period correlates about as well as the period itself; take
+        # the shortest lag whose peak comes within PEAK_TOLERANCE of the best one.
+        best = float(searched.max())
+        peaks = np.flatnonzero(
+            (searched[1:-1] >= searched[:-2])
+            & (searched[1:-1] >= searched[2:])
+            & (searched[1:-1] >= best - PEAK_TOLERANCE)
+        )
+        if peaks.size == 0:
+            # The best lag is at an end of the range: no period inside it (yet).
+            self.period_s, self.periodicity = None, 0.0
+            return
+        lag = lo + int(peaks[0]) + 1
+        self.periodicity = self._period_match(x, lag)
+        # Refine on the longest multiple of the period in the window: the peak's position is
+        # found to a fraction of a sample there, and dividing by the multiple shrinks the error.
+        multiple = max((hi - 1) // lag, 1)
+        around = multiple * lag
+        if multiple > 1:
+            around += int(np.argmax(corr[around - 2 : around + 3])) - 2
+        left, centre, right = corr[around - 1], corr[around], corr[around + 1]
         curvature = left - 2 * centre + right
         shift = 0.5 * (left - right) / curvature if curvature < 0 else 0.0
         shift = min(max(shift, -0.5), 0.5)
-        self.period_s = (lag + shift) * p.sample_period_s
-        self.periodicity = float(centre / corr[0])
+        self.period_s = (around + shift) / multiple * p.sample_period_s
 
     def update(self, measured_kw: float) -> float:
         """Add the latest measured load and return the load input for the fast loop, in kW.
@@ -162,10 +217,11 @@ class PeriodicPredictor:
         self._ring[self._count % self._size] = measured_kw
         self._count += 1
         self._since_estimate += 1
-        if self._count < self._size:
+        if self._count < 2 * self._min_lag + 2:
             self.gain = 0.0
             return measured_kw
-        if self.period_s is None or self._since_estimate >= self._estimate_every:
+        every = self._estimate_every if self._count >= self._size else self._warmup_estimate_every
+        if self._since_estimate >= every:
             self._since_estimate = 0
             self._estimate_period()
         if self.period_s is None:
@@ -173,6 +229,10 @@ class PeriodicPredictor:
             return measured_kw
 
         period_samples = self.period_s / p.sample_period_s
+        if self._count < self._error_samples + period_samples + 2:
+            # Not yet a whole period behind the agreement window.
+            self.gain = 0.0
+            return measured_kw
         recent = self._history(self._error_samples + round(period_samples) + 1)
         now_part = recent[-self._error_samples :]
         lagged = np.array(
