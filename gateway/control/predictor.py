@@ -14,11 +14,12 @@ blended with the measured load by a gain in [0, 1]:
 
 - ``periodicity``: how well the newest period of the measured load repeats
   the one before it, at the period that the autocorrelation of the last
-  ``window_s`` names; re-estimated every ``estimate_every_s``. The gain rises from 0 at ``gate_low`` to 1 at
-  ``gate_high``. Until the window is full (the first ``window_s`` after a
-  start or a reset) the estimate uses the history there is, searching
-  periods up to half its length, and runs every ``warmup_estimate_every_s``:
-  a 1.5 s period is found about 3 s after the start instead of 8 s.
+  ``window_s`` names; re-estimated every ``estimate_every_s``. The gain
+  rises from 0 at ``gate_low`` to 1 at ``gate_high``. Until the window is
+  full (the first ``window_s`` after a start or a reset) the estimate uses
+  the history there is, searching periods up to half its length, and runs
+  every ``warmup_estimate_every_s``: a 1.5 s period is found about 3 s after
+  the start instead of 8 s.
 - ``agreement``: how well the last period matched the current one over
   the last ``error_window_s``; a checkpoint dip or a job stop breaks it
   within a fraction of a second, long before the autocorrelation notices.
@@ -35,7 +36,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 
 #: A shorter lag wins over the best one when its correlation is at most this much lower.
 PEAK_TOLERANCE = 0.05
