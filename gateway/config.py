@@ -8,6 +8,7 @@ the value found, what is allowed and how to fix it.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -69,6 +70,10 @@ class CanTransport(_Strict):
     #: ``can0`` for socketcan, a serial device or ``socket://`` URL for slcan, any name for virtual.
     channel: str = Field(min_length=1)
     bitrate: int = Field(default=500_000, ge=10_000, le=1_000_000)
+    #: slcan only: seconds to wait after opening the port, for USB adapters whose board
+    #: resets when the port opens. Unset: 2 s on a serial device, 0 on a ``socket://`` URL
+    #: (nothing resets over TCP).
+    slcan_open_delay_s: float | None = Field(default=None, ge=0.0, le=10.0)
 
 
 Transport = Annotated[TcpTransport | RtuTransport | CanTransport, Field(discriminator="kind")]
@@ -162,15 +167,21 @@ class Control(_Strict):
 
     @model_validator(mode="after")
     def _check_bands(self) -> Control:
-        band = (self.soc_hard_min_pct, self.soc_soft_min_pct, self.soc_soft_max_pct, self.soc_hard_max_pct)
-        if not all(a < b for a, b in zip(band, band[1:])):
+        band = (
+            self.soc_hard_min_pct,
+            self.soc_soft_min_pct,
+            self.soc_soft_max_pct,
+            self.soc_hard_max_pct,
+        )
+        if not all(a < b for a, b in itertools.pairwise(band)):
             raise ValueError(
                 "SoC band must satisfy soc_hard_min_pct < soc_soft_min_pct < soc_soft_max_pct "
                 f"< soc_hard_max_pct; got {band[0]} < {band[1]} < {band[2]} < {band[3]}"
             )
         if self.grid_floor_kw >= self.grid_cap_kw:
             raise ValueError(
-                f"grid_floor_kw ({self.grid_floor_kw}) must be below grid_cap_kw ({self.grid_cap_kw})"
+                f"grid_floor_kw ({self.grid_floor_kw}) must be below "
+                f"grid_cap_kw ({self.grid_cap_kw})"
             )
         return self
 
@@ -437,11 +448,15 @@ def read_config_data(path: str | Path, *, missing_hint: str = "check the path") 
     except FileNotFoundError as err:
         raise ConfigError(path, [f"{path}: file not found; {missing_hint}"]) from err
     except OSError as err:
-        raise ConfigError(path, [f"{path}: cannot be read ({err.strerror}); check its permissions"]) from err
+        raise ConfigError(
+            path, [f"{path}: cannot be read ({err.strerror}); check its permissions"]
+        ) from err
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(path, [f"{path}: not UTF-8 text at byte {err.start}; save it as UTF-8"]) from err
+        raise ConfigError(
+            path, [f"{path}: not UTF-8 text at byte {err.start}; save it as UTF-8"]
+        ) from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [f"{path}: not valid TOML: {err}"]) from err
     return data

@@ -1,1 +1,1 @@
-"""Hardware-in-the-loop rig: simulated PCS, meters and BMS on real sockets, scenarios and reports."""
+"""Hardware-in-the-loop rig: simulated PCS, meters and BMS on real sockets; scenarios, reports."""

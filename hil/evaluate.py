@@ -1,4 +1,4 @@
-"""Score a run against its scenario's criteria and write ``report.json``, ``junit.xml``, ``report.png``.
+"""Score a run against its criteria; write ``report.json``, ``junit.xml`` and ``report.png``.
 
 The HIL rig and the SIL replay both capture a :class:`Capture` and hand it
 here, so the two runs are judged by the same code.
@@ -134,9 +134,9 @@ def write_outputs(
     scenario: Scenario,
     capture: Capture,
     mode: str,
+    *,
     extra: dict[str, Any] | None = None,
     wall_s: float = 0.0,
-    *,
     extra_results: list[report.CriterionResult] | None = None,
 ) -> dict[str, Any]:
     """Score the capture and write the three report files; return the ``report.json`` object.

@@ -656,7 +656,13 @@ class HilRun:
             extra["hil_vs_sil"] = {"skipped": "the SIL replay does not model faults"}
 
         report = write_outputs(
-            self.out_dir, scenario, capture, "hil", extra, wall_s, extra_results=results
+            self.out_dir,
+            scenario,
+            capture,
+            "hil",
+            extra=extra,
+            wall_s=wall_s,
+            extra_results=results,
         )
         return HilResult(report, self.out_dir, capture, clock.unit_kw)
 
@@ -800,5 +806,7 @@ def run_sil_report(
     extra = {"driver": "sil", "kernel": sil.kernel}
     if scenario.faults:
         extra["faults_ignored"] = "the SIL replay does not model faults"
-    report = write_outputs(Path(out_dir), scenario, sil.capture, "sil", extra, sil.wall_s)
+    report = write_outputs(
+        Path(out_dir), scenario, sil.capture, "sil", extra=extra, wall_s=sil.wall_s
+    )
     return HilResult(report, Path(out_dir), sil.capture)

@@ -48,7 +48,7 @@ class Run(_Strict):
 
 
 class Racks(_Strict):
-    """GPU racks: each rack's power is the measured trace's shape, scaled, plus sub-second swings."""
+    """GPU racks: each rack's power is the measured trace's shape, scaled, plus fast swings."""
 
     count: int = Field(ge=1, le=256)
     #: Rack power at 100 % of the trace's maximum.

@@ -44,6 +44,7 @@ from drivers.can.reader import (
     open_bus,
 )
 from drivers.quality import Quality
+from gateway.config import CanTransport
 
 FAST_BACKOFF = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "receive_timeout_s": 0.02}
 
@@ -548,3 +549,26 @@ async def test_asyncio_sink(virtual_channel):
         message, t_mono_s = await asyncio.wait_for(frames.get(), timeout=5.0)
     assert message.arbitration_id == 0x355
     assert t_mono_s <= time.monotonic()
+
+
+@pytest.mark.parametrize(
+    ("channel", "configured", "expected"),
+    [
+        ("socket://127.0.0.1:4001", None, 0.0),
+        ("/dev/ttyACM0", None, 2.0),
+        ("/dev/ttyACM0", 0.5, 0.5),
+        ("socket://127.0.0.1:4001", 1.5, 1.5),
+    ],
+)
+def test_slcan_open_delay_from_config(channel, configured, expected):
+    # Adapters that reset on open need python-can's 2 s wait; nothing resets over TCP.
+    fields = {"kind": "can", "interface": "slcan", "channel": channel}
+    if configured is not None:
+        fields["slcan_open_delay_s"] = configured
+    link = CanLink.from_transport(CanTransport(**fields))
+    assert link.slcan_open_delay_s == expected
+
+
+def test_slcan_open_delay_rejects_negative():
+    with pytest.raises(ValueError, match="slcan_open_delay_s"):
+        CanTransport(kind="can", interface="slcan", channel="/dev/ttyACM0", slcan_open_delay_s=-1)

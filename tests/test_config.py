@@ -35,7 +35,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_config_errors_are_all_listed(tmp_path, capsys):
     text = EXAMPLE.read_text(encoding="utf-8")
     text = text.replace("grid_cap_kw = 1500.0", "grid_cap_kw = nan\ncap_kw = 3")
-    text = text.replace('port = 502 }\nunit_id = 1\npoll_period_ms = 100\nrated_kw', 'port = 70000 }\nunit_id = 1\npoll_period_ms = 100\nrated_kw')
+    text = text.replace(
+        "port = 502 }\nunit_id = 1\npoll_period_ms = 100\nrated_kw",
+        "port = 70000 }\nunit_id = 1\npoll_period_ms = 100\nrated_kw",
+    )
     path = _write(tmp_path, text)
 
     assert main(["config", "check", str(path)]) == 2
@@ -57,7 +60,9 @@ def test_config_bms_must_use_can(tmp_path):
 
 
 def test_config_soc_band_order(tmp_path):
-    text = EXAMPLE.read_text(encoding="utf-8").replace("soc_soft_min_pct = 15.0", "soc_soft_min_pct = 95.0")
+    text = EXAMPLE.read_text(encoding="utf-8").replace(
+        "soc_soft_min_pct = 15.0", "soc_soft_min_pct = 95.0"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
     assert any("SoC band" in p and "95.0" in p for p in info.value.problems)

@@ -99,10 +99,22 @@ class CanLink:
     @classmethod
     def from_transport(cls, transport) -> CanLink:
         """Build from a ``gateway.config.CanTransport``."""
-        return cls(transport.interface, transport.channel, transport.bitrate)
+        delay_s = getattr(transport, "slcan_open_delay_s", None)
+        if delay_s is None:
+            delay_s = default_open_delay_s(transport.channel)
+        return cls(transport.interface, transport.channel, transport.bitrate, delay_s)
 
     def describe(self) -> str:
         return f"{self.interface} {self.channel}"
+
+
+def default_open_delay_s(channel: str) -> float:
+    """Return the slcan open delay for ``channel``: 0 over ``socket://``, else 2 s.
+
+    python-can waits 2 s by default because some USB adapters (Arduino-style
+    boards) reset when the port opens; a TCP socket has no line that resets.
+    """
+    return 0.0 if channel.startswith("socket://") else 2.0
 
 
 def _open_hint(link: CanLink, err: BaseException) -> str:

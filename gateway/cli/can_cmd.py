@@ -27,7 +27,13 @@ from drivers.can.bms import LIMIT_POINTS, limit_magnitude_a
 from drivers.can.dbc import DbcDecoder, DbcError
 from drivers.can.points import POINTS, FrameDecoder, PointValue
 from drivers.can.pylontech import PylontechDecoder
-from drivers.can.reader import CanLink, CanOpenError, CanReader, LinkHealth
+from drivers.can.reader import (
+    CanLink,
+    CanOpenError,
+    CanReader,
+    LinkHealth,
+    default_open_delay_s,
+)
 from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
 from gateway.logs import configure_logging
 
@@ -188,7 +194,10 @@ def run_dump(args: argparse.Namespace) -> int:
         raise CliError(f"--seconds must be above 0, got {args.seconds}", EXIT_USAGE)
     configure_logging("warning", "console", stream=_StderrStream())
     decoder = _make_decoder(args)
-    link = CanLink(args.interface, args.channel, args.bitrate, slcan_open_delay_s=args.open_delay)
+    open_delay_s = args.open_delay
+    if open_delay_s is None:
+        open_delay_s = default_open_delay_s(args.channel)
+    link = CanLink(args.interface, args.channel, args.bitrate, slcan_open_delay_s=open_delay_s)
     frames: queue.SimpleQueue[tuple[can.Message, float]] = queue.SimpleQueue()
     reader = CanReader(link, lambda message, t: frames.put((message, t)))
     logger = _open_logger(args.log)
@@ -323,9 +332,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dump.add_argument(
         "--open-delay",
         type=float,
-        default=2.0,
+        default=None,
         metavar="S",
-        help="slcan only: seconds to wait after opening the serial port; default 2",
+        help="slcan only: seconds to wait after opening the port, for adapters that reset on "
+        "open; default 2 on a serial device, 0 on a socket:// URL",
     )
     _add_decoder_options(dump)
     dump.add_argument(
