@@ -6,10 +6,11 @@ lines on a pseudo-terminal. It runs ``bessgw run`` as a child process with a
 ``NOTIFY_SOCKET`` that it reads, and measures:
 
 * READY time: from spawning the process to the ``READY=1`` message, for a
-  site with the BMS and for the same site without it. python-can's slcan
-  bus waits 2 s after opening its port (``CanLink.slcan_open_delay_s``,
-  python-can 4.6 default) for adapters that reset on open, so the gap
-  between the two is that wait;
+  site with the BMS and for the same site without it. A BMS string is
+  online after three complete frame sets (about 2 s at one set a second),
+  so the gap between the two is mostly that wait. The slcan open delay is
+  0 here, as on any pseudo-terminal or ``socket://`` URL; a serial adapter
+  adds python-can's 2 s (``slcan_open_delay_s``);
 * resident memory (``VmRSS`` from ``/proc/PID/status``) once a second over
   the soak, which starts ``--settle-s`` after READY; steady state is the
   median of the first minute (or of the whole soak when shorter);

@@ -72,7 +72,7 @@ class CanTransport(_Strict):
     bitrate: int = Field(default=500_000, ge=10_000, le=1_000_000)
     #: slcan only: seconds to wait after opening the port, for USB adapters whose board
     #: resets when the port opens. Unset: 2 s on a serial device, 0 on a ``socket://`` URL
-    #: (nothing resets over TCP).
+    #: or a pseudo-terminal (``/dev/pts/N``), where nothing resets.
     slcan_open_delay_s: float | None = Field(default=None, ge=0.0, le=10.0)
 
 

@@ -556,6 +556,7 @@ async def test_asyncio_sink(virtual_channel):
     [
         ("socket://127.0.0.1:4001", None, 0.0),
         ("/dev/ttyACM0", None, 2.0),
+        ("/dev/pts/7", None, 0.0),
         ("/dev/ttyACM0", 0.5, 0.5),
         ("socket://127.0.0.1:4001", 1.5, 1.5),
     ],

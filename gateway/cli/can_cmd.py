@@ -335,7 +335,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="S",
         help="slcan only: seconds to wait after opening the port, for adapters that reset on "
-        "open; default 2 on a serial device, 0 on a socket:// URL",
+        "open; default 2 on a serial device, 0 on a socket:// URL or /dev/pts/N",
     )
     _add_decoder_options(dump)
     dump.add_argument(
