@@ -75,6 +75,7 @@ def compute_metrics(scenario: Scenario, capture: Capture) -> dict[str, Any]:
         "grid_ramp_p99_kw_per_s": grid_ramps.p99_kw_per_s,
         "load_ramp_p99_kw_per_s": load_ramps.p99_kw_per_s,
         "ramp_exceed_fraction": grid_ramps.fraction_above_limit,
+        "ramp_exceed_seconds": list(grid_ramps.seconds_above),
         "seconds_with_headroom": int(np.sum(headroom)),
         "band_attenuation_db": metrics.attenuation_db(
             net_load, c.grid_kw, fs_hz, segment_s=segment_s
@@ -116,6 +117,15 @@ def judge_criteria(scenario: Scenario, values: dict[str, Any]) -> list[report.Cr
     return results
 
 
+def _seconds_text(seconds: list[int], shown: int = 6) -> str:
+    """Name the run seconds over the ramp limit, the first ``shown`` of them."""
+    if not seconds:
+        return ""
+    listed = ", ".join(str(k) for k in seconds[:shown])
+    more = f" and {len(seconds) - shown} more" if len(seconds) > shown else ""
+    return f" (s {listed}{more})"
+
+
 def summary_lines(values: dict[str, Any]) -> list[str]:
     return [
         f"15-min demand: {values['max_15min_demand_kw']:.0f} kW "
@@ -123,7 +133,8 @@ def summary_lines(values: dict[str, Any]) -> list[str]:
         f"0.1-2 Hz swing attenuation: {values['band_attenuation_db']:.1f} dB",
         f"grid ramp p99: {values['grid_ramp_p99_kw_per_s']:.1f} kW/s "
         f"(net load {values['load_ramp_p99_kw_per_s']:.1f} kW/s)",
-        f"seconds over ramp limit: {100 * values['ramp_exceed_fraction']:.2f} %",
+        f"seconds over ramp limit: {100 * values['ramp_exceed_fraction']:.2f} %"
+        + _seconds_text(values.get("ramp_exceed_seconds", [])),
         f"SoC {values['soc_min_pct']:.1f}-{values['soc_max_pct']:.1f} %, "
         f"BMS limit breaches {values['bms_limit_breaches']}",
     ]

@@ -88,6 +88,9 @@ class RampStats:
     #: Seconds whose ramp counted: all, or those in which the battery had headroom.
     seconds_counted: int
     seconds_above_limit: int
+    #: Run second k of each counted ramp above the limit (the ramp from second k-1 to k),
+    #: so that a test engineer can find it on the report's time axis.
+    seconds_above: tuple[int, ...] = ()
 
     @property
     def fraction_above_limit(self) -> float:
@@ -127,6 +130,7 @@ def ramp_stats(
         limit_kw_per_s=float(limit_kw_per_s),
         seconds_counted=int(counted.sum()),
         seconds_above_limit=int((ramps[counted] > limit_kw_per_s).sum()),
+        seconds_above=tuple(int(k) + 1 for k in np.flatnonzero(counted & (ramps > limit_kw_per_s))),
     )
 
 

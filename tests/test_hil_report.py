@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from hil.evaluate import summary_lines
 from hil.report import (
     CriterionResult,
     ReportSignals,
@@ -120,3 +121,24 @@ def test_plot_report_writes_png(tmp_path):
     # 13 x 9 inches at 100 dpi.
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1300, 900)
+
+
+def test_summary_names_seconds_over_ramp_limit():
+    values = {
+        "max_15min_demand_kw": 650.0,
+        "max_15min_demand_without_battery_kw": 700.0,
+        "band_attenuation_db": 13.0,
+        "grid_ramp_p99_kw_per_s": 80.0,
+        "load_ramp_p99_kw_per_s": 270.0,
+        "ramp_exceed_fraction": 8 / 599,
+        "ramp_exceed_seconds": [1, 2, 120, 121, 240, 338, 465, 500],
+        "soc_min_pct": 57.0,
+        "soc_max_pct": 60.0,
+        "bms_limit_breaches": 0,
+    }
+    line = next(x for x in summary_lines(values) if x.startswith("seconds over"))
+    assert line == "seconds over ramp limit: 1.34 % (s 1, 2, 120, 121, 240, 338 and 2 more)"
+    values["ramp_exceed_seconds"] = []
+    values["ramp_exceed_fraction"] = 0.0
+    line = next(x for x in summary_lines(values) if x.startswith("seconds over"))
+    assert line == "seconds over ramp limit: 0.00 %"

@@ -98,6 +98,8 @@ def test_ramp_counts_seconds_above_limit():
     assert stats.max_kw_per_s == pytest.approx(30.0)
     assert stats.seconds_above_limit == 1
     assert stats.fraction_above_limit == pytest.approx(1 / 99)
+    # The ramp from second 49's mean to second 50's, named by the second it ends in.
+    assert stats.seconds_above == (50,)
 
 
 def test_ramp_headroom_excludes_seconds():
