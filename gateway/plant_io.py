@@ -84,7 +84,7 @@ class PlantIO:
         self.can_readers: list[CanReader] = []
         self.pcs: list[Device] = [d for d in config.devices if d.role == "pcs"]
         self.pcs_names = tuple(d.name for d in self.pcs)
-        self.pcs_bms = _pair_bms(config)
+        self.pcs_bms = pair_bms(config)
         self._tasks: list[asyncio.Task[None]] = []
         self._writer_tasks: list[asyncio.Task[None]] = []
         self._writers_stop = asyncio.Event()
@@ -370,7 +370,7 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _pair_bms(config: SiteConfig) -> dict[str, str]:
+def pair_bms(config: SiteConfig) -> dict[str, str]:
     """Pair each PCS with the BMS of its battery: its ``bms`` key, else in file order.
 
     Pairing by order applies only when no PCS names a BMS and the counts

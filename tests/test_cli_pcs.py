@@ -176,7 +176,7 @@ def test_set_runs_step_test(tmp_path, capsys):
         code = main(
             [
                 "pcs", "set", "pcs-1", "--config", config,
-                "--kw", "20", "--for", "1.2", "--ramp-kw-per-s", "40", "--yes",
+                "--kw", "20", "--for", "1.2", "--ramp-kw-per-s", "40", "--yes", "--without-bms",
             ]
         )  # fmt: skip
         written = setpoints_w(sim)
@@ -222,7 +222,7 @@ def test_set_unverified_disable(tmp_path, capsys):
         code = main(
             [
                 "pcs", "set", "pcs-1", "--config", config,
-                "--kw", "10", "--for", "0.2", "--ramp-kw-per-s", "100", "--yes",
+                "--kw", "10", "--for", "0.2", "--ramp-kw-per-s", "100", "--yes", "--without-bms",
             ]
         )  # fmt: skip
     captured = capsys.readouterr()
@@ -239,7 +239,7 @@ def test_set_charge_never_minus_zero(tmp_path, capsys):
         code = main(
             [
                 "pcs", "set", "pcs-1", "--config", config,
-                "--kw", "-10", "--for", "0.2", "--ramp-kw-per-s", "40", "--yes",
+                "--kw", "-10", "--for", "0.2", "--ramp-kw-per-s", "40", "--yes", "--without-bms",
             ]
         )  # fmt: skip
     out = capsys.readouterr().out
@@ -274,7 +274,7 @@ def running_cli(config: str, *options: str) -> Iterator[subprocess.Popen]:
 def test_set_ctrl_c_ramps_to_zero(tmp_path):
     with ServerThread() as sim:
         config = write_config(tmp_path, sim.port)
-        options = ("--kw", "30", "--for", "30", "--ramp-kw-per-s", "60", "--yes")
+        options = ("--kw", "30", "--for", "30", "--ramp-kw-per-s", "60", "--yes", "--without-bms")
         with running_cli(config, *options) as cli:
             wait_for(sim, lambda: sim.server.get_point("WSet") == 30_000)
             cli.send_signal(signal.SIGINT)
@@ -296,7 +296,7 @@ def test_set_second_ctrl_c_zeroes(tmp_path):
     with ServerThread() as sim:
         # Abort ramp: max(10 kW/s test rate, 5 kW/s safe ramp) = 10 kW/s, so 2 s from 20 kW.
         config = write_config(tmp_path, sim.port, safe_ramp=5.0)
-        options = ("--kw", "20", "--for", "30", "--ramp-kw-per-s", "10", "--yes")
+        options = ("--kw", "20", "--for", "30", "--ramp-kw-per-s", "10", "--yes", "--without-bms")
         with running_cli(config, *options) as cli:
             wait_for(sim, lambda: sim.server.get_point("WSet") == 20_000)
             cli.send_signal(signal.SIGINT)

@@ -38,6 +38,7 @@ from drivers.pcs import (
 )
 from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
 from gateway.cli.device_cmd import find_device
+from gateway.cli.pcs_guard import BmsGuard, reject_if_daemon_running
 from gateway.config import DEFAULT_CONFIG_PATH, Device, SiteConfig, load_config
 from gateway.logs import configure_logging
 
@@ -82,6 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         metavar="R",
         help="ramp rate to and from P, kW/s (default: control.ramp_limit_kw_per_s)",
+    )
+    step.add_argument(
+        "--bms-wait",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="how long to wait for the PCS's BMS to come online before the test, s (default 10)",
+    )
+    step.add_argument(
+        "--without-bms",
+        action="store_true",
+        help="skip the BMS checks (limits, SoC, silence), to test a PCS whose battery's CAN "
+        "link does not work yet; the PCS's own protection is then all there is",
     )
     step.add_argument(
         "--yes", action="store_true", help="confirm that the PCS may really be commanded"
@@ -268,10 +282,20 @@ class _Interrupts:
 class StepTest:
     """The ramp, hold and ramp-back phases, with a printed line each second."""
 
-    def __init__(self, driver: PcsDriver, plan: StepPlan, interrupts: _Interrupts) -> None:
+    def __init__(
+        self,
+        driver: PcsDriver,
+        plan: StepPlan,
+        interrupts: _Interrupts,
+        guard: BmsGuard | None = None,
+    ) -> None:
         self.driver = driver
         self.plan = plan
         self.interrupts = interrupts
+        self.guard = guard
+        #: Why the BMS check ended the test, or "" while it allows the target.
+        self.stop_reason = ""
+        self._clamp_reported = False
         self.target_kw = 0.0
         self.cycle_s = driver.policy.settings.min_write_interval_s
         self.started_s = time.monotonic()
@@ -284,7 +308,8 @@ class StepTest:
         if not self.interrupted:
             await self.hold()
         if self.interrupted:
-            print("interrupted: ramping to 0 kW", flush=True)
+            if not self.stop_reason:
+                print("interrupted: ramping to 0 kW", flush=True)
             await self.ramp("abort", 0.0, self.plan.abort_ramp_kw_per_s)
             await self.print_line("end")
             return False
@@ -294,7 +319,7 @@ class StepTest:
 
     @property
     def interrupted(self) -> bool:
-        return self.interrupts.count > 0
+        return self.interrupts.count > 0 or bool(self.stop_reason)
 
     async def ramp(self, phase: str, end_kw: float, rate_kw_per_s: float) -> None:
         """Move the setpoint to ``end_kw`` at ``rate_kw_per_s``.
@@ -324,6 +349,7 @@ class StepTest:
 
     async def cycle(self, phase: str) -> None:
         started_s = time.monotonic()
+        self._apply_bms_check()
         await self.driver.step(self.target_kw)
         self._check_fault()
         if started_s >= self.next_print_s:
@@ -339,6 +365,26 @@ class StepTest:
             f"{_number(status.setpoint_kw):>11}  {_number(status.p_kw):>8}",
             flush=True,
         )
+
+    def _apply_bms_check(self) -> None:
+        """Clamp the target to the BMS's limit now; on a stop reason, end the test."""
+        if self.guard is None:
+            return
+        verdict = self.guard.judge(self.target_kw)
+        if verdict.stop_reason:
+            if not self.stop_reason:
+                self.stop_reason = verdict.stop_reason
+                print(f"BMS check: {verdict.stop_reason}; ramping to 0 kW", flush=True)
+            return
+        if abs(verdict.allowed_kw) < abs(self.target_kw):
+            if not self._clamp_reported:
+                self._clamp_reported = True
+                print(
+                    f"BMS check: {self.guard.name} allows {_tenths(verdict.allowed_kw)} kW now; "
+                    f"target clamped from {_tenths(self.target_kw)} kW",
+                    flush=True,
+                )
+            self.target_kw = verdict.allowed_kw
 
     def _verified(self, end_kw: float) -> bool:
         verified = self.driver.policy.verified("p")
@@ -386,7 +432,35 @@ def run_set(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
 
+    reject_if_daemon_running(config, args.config)
+    if args.without_bms:
+        print(
+            f"warning: --without-bms: {device.name!r} is commanded without checking its "
+            "battery's limits, SoC or silence",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _run_step(config, device, plan, None)
+    if not (math.isfinite(args.bms_wait) and args.bms_wait > 0):
+        raise CliError(f"--bms-wait {args.bms_wait:g} is invalid: give seconds > 0", EXIT_USAGE)
+    with BmsGuard(config, device, args.config) as guard:
+        snapshot = guard.wait_online(args.bms_wait)
+        guard.check_request(plan.p_kw, snapshot)
+        charge_kw, discharge_kw = snapshot.power_window_kw()
+        print(
+            f"BMS {guard.name}: online, SoC {snapshot.readings['soc_pct'].value:g} %, "
+            f"charge up to {charge_kw:.1f} kW, discharge up to {discharge_kw:.1f} kW",
+            flush=True,
+        )
+        return _run_step(config, device, plan, guard)
+
+
+def _run_step(config: SiteConfig, device: Device, plan: StepPlan, guard: BmsGuard | None) -> int:
+    """Run the step test on a connected driver; return the exit code."""
+    test: StepTest | None = None
+
     async def session() -> bool:
+        nonlocal test
         async with connected_driver(config, device) as driver:
             interrupts = _Interrupts()
             finished = False
@@ -400,7 +474,8 @@ def run_set(args: argparse.Namespace) -> int:
                         flush=True,
                     )
                     await driver.enable()
-                    completed = await StepTest(driver, plan, interrupts).run()
+                    test = StepTest(driver, plan, interrupts, guard)
+                    completed = await test.run()
                     finished = True
                 except (PcsStartError, PcsFaultError) as err:
                     raise CliError(str(err), EXIT_IO) from err
@@ -422,6 +497,12 @@ def run_set(args: argparse.Namespace) -> int:
         completed = asyncio.run(session())
     except PcsError as err:
         raise CliError(str(err), EXIT_IO) from err
+    if test is not None and test.stop_reason:
+        raise CliError(
+            f"step test stopped by the BMS check: {test.stop_reason}. The PCS is at 0 kW and "
+            "disabled; check the BMS with `bessgw can dump` before the next test",
+            EXIT_IO,
+        )
     return EXIT_OK if completed else EXIT_INTERRUPTED
 
 

@@ -100,8 +100,10 @@ def run_optimum(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return EXIT_OK
     battery = result["battery"]
-    print(f"scenario {scenario.run.name}: {result['duration_s'] / 86400:.2f} days, "
-          f"{result['interval_s'] / 60:g}-min demand intervals")
+    print(
+        f"scenario {scenario.run.name}: {result['duration_s'] / 86400:.2f} days, "
+        f"{result['interval_s'] / 60:g}-min demand intervals"
+    )
     print(
         f"battery {battery['energy_kwh']:g} kWh, {battery['discharge_kw']:g} kW, "
         f"SoC band {battery['soc_min_pct']:g}-{battery['soc_max_pct']:g} %, "
@@ -136,8 +138,10 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 def _print_replay(result: dict) -> None:
-    print(f"scenario {result['scenario']}: {result['duration_s'] / 86400:.2f} days at "
-          f"{result['step_s']:g} s steps, replayed in {result['wall_s']:.0f} s")
+    print(
+        f"scenario {result['scenario']}: {result['duration_s'] / 86400:.2f} days at "
+        f"{result['step_s']:g} s steps, replayed in {result['wall_s']:.0f} s"
+    )
     print(f"{'':34}{'no battery':>12}{'bessgw':>12}{'optimum':>12}")
     print(
         f"{'15-min peak, kW':34}{result['peak_kw_without_battery']:12.1f}"
@@ -151,9 +155,11 @@ def _print_replay(result: dict) -> None:
         f"{'intervals without ride-through':34}{result['intervals']:12d}"
         f"{result['ride_through_short_intervals']:12d}"
     )
-    print(f"capture ratio {result['capture_ratio']:.3f}, "
-          f"equivalent full cycles {result['equivalent_full_cycles']:.2f}, "
-          f"cap breaks {result['cap_breaks']} of {result['intervals']} intervals")
+    print(
+        f"capture ratio {result['capture_ratio']:.3f}, "
+        f"equivalent full cycles {result['equivalent_full_cycles']:.2f}, "
+        f"cap breaks {result['cap_breaks']} of {result['intervals']} intervals"
+    )
     for verdict in result["criteria"]:
         mark = "pass" if verdict["passed"] else "FAIL"
         print(f"  {mark}  {verdict['name']}: {verdict['value']:.3f} (limit {verdict['limit']:g})")
