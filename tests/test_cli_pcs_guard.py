@@ -153,6 +153,24 @@ def test_rejects_while_daemon_listens(tmp_path, capsys):
     assert "systemctl stop bessgw" in err
 
 
+def test_unreadable_api_socket_rejects(tmp_path, capsys, monkeypatch):
+    # A user outside group bessgw cannot connect to the daemon's 0660 socket; that must not
+    # read as "no daemon". Root passes every permission check, so the error is injected.
+    config = write_config(tmp_path, closed_port(), "unused")
+    (tmp_path / "api.sock").touch()
+
+    def denied(self, address):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", denied)
+    code = pcs_set(config, "--kw", "10", "--for", "1")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cannot tell whether the bessgw daemon is running" in err
+    assert "Permission denied" in err
+    assert "member of group bessgw" in err
+
+
 def test_stale_api_socket_ignored(tmp_path, capsys):
     # A socket file that nothing listens on (a daemon killed with SIGKILL) does not block
     # the test; the missing BMS then does.

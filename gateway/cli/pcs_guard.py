@@ -41,8 +41,16 @@ def reject_if_daemon_running(config: SiteConfig, config_path: str) -> None:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
-        except OSError:
+        except (ConnectionRefusedError, FileNotFoundError):
             return  # a socket file left behind by a stopped daemon
+        except OSError as err:
+            # Permission denied or a timeout: the daemon may be running, so do not go on.
+            raise CliError(
+                f"cannot tell whether the bessgw daemon is running: connecting to {path} "
+                f"(service.api_socket in {config_path}) failed: {err}. Run the test as root or "
+                "as a member of group bessgw, or stop the daemon first (`systemctl stop bessgw`)",
+                EXIT_USAGE,
+            ) from err
     raise CliError(
         f"the bessgw daemon is running (it accepts connections on {path}, service.api_socket in "
         f"{config_path}) and commands the PCS itself; stop it first "
