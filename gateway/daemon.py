@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 
 from drivers.quality import Quality
-from gateway.config import ConfigError, SiteConfig, load_config
+from gateway.config import ConfigError, SiteConfig
 from gateway.control import law
 from gateway.control.layout import Fault
 from gateway.control.loop import make_loop
@@ -55,6 +55,7 @@ from gateway.service.metrics import Metrics
 from gateway.service.notify import Notifier
 from gateway.service.store import Store
 from gateway.service.telemetry import Telemetry
+from gateway.site_check import load_site_config
 from gateway.states import Conditions, Mode, State, StateMachine, Transition
 
 log = structlog.get_logger(__name__)
@@ -792,7 +793,7 @@ class Daemon:
         if self.config_path is None:
             return False, "the daemon was started without a configuration file"
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(load_site_config, self.config_path)
         except ConfigError as err:
             return False, "kept the running configuration: " + "; ".join(err.problems)
 

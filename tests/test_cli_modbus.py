@@ -647,11 +647,11 @@ def test_device_read_table(capsys, tmp_path, pcs):
     )
     assert code == 0
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert lines["W"][1:] == ["-12300", "W", "GOOD", "holding", "40084"]
-    assert lines["WRtg"][1:4] == ["500000", "W", "GOOD"]
+    assert lines["W"][1:] == ["-12300", "W", "good", "holding", "40084"]
+    assert lines["WRtg"][1:4] == ["500000", "W", "good"]
     assert lines["Md"][1] == "SIM-PCS-500"
     assert lines["WH"][1:3] == ["-", "Wh"]  # an accumulator at 0 is no value
-    assert lines["WH"][3] == "NOT_IMPLEMENTED"
+    assert lines["WH"][3] == "not_implemented"
 
 
 def test_device_read_json_watch(capsys, tmp_path, pcs):
@@ -672,7 +672,7 @@ def test_device_read_json_watch(capsys, tmp_path, pcs):
     assert code == 0
     objects = [json.loads(line) for line in out.splitlines()]
     assert len(objects) == 2
-    assert objects[0]["points"]["ChaState"] == {"value": 0.0, "unit": "%", "quality": "GOOD"}
+    assert objects[0]["points"]["ChaState"] == {"value": 0.0, "unit": "%", "quality": "good"}
     assert objects[1]["errors"] == []
 
 
@@ -684,8 +684,8 @@ def test_device_read_failed_block(capsys, tmp_path, pcs):
     )
     assert code == 1
     result = json.loads(out)
-    assert result["points"]["WSet"]["quality"] == "COMM_ERROR"
-    assert result["points"]["W"]["quality"] == "GOOD"
+    assert result["points"]["WSet"]["quality"] == "comm_error"
+    assert result["points"]["W"]["quality"] == "good"
     assert "modbus block rejected" in err
     assert "exception response 0x02" in err
 
@@ -723,5 +723,5 @@ def test_device_read_silent_device(capsys, tmp_path, pcs):
     )
     assert code == 1
     result = json.loads(out)
-    assert {p["quality"] for p in result["points"].values()} == {"COMM_ERROR"}
+    assert {p["quality"] for p in result["points"].values()} == {"comm_error"}
     assert "no answer within 0.5 s" in result["errors"][0]

@@ -13,12 +13,15 @@ import signal
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import comtrade
 from daemon_rig import BMS_WINDOW_KW, DaemonRig
 
 from gateway.service.api import ApiClient
 from gateway.service.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 async def _until(predicate, timeout_s: float, what: str, rig: DaemonRig):
@@ -172,6 +175,37 @@ async def test_sighup_reload_and_sigkill(tmp_path):
         for event_id, operator in acked:
             assert events[event_id]["kind"] == "mode_changed"
             assert events[event_id]["source"] == operator
+    finally:
+        await rig.close()
+
+
+async def test_sighup_rejects_broken_profile(tmp_path):
+    """SIGHUP checks the device profiles as `bessgw run` does; a broken one keeps the old config."""
+    profile = tmp_path / "grid-meter.toml"
+    profile.write_text((REPO / "drivers/profiles/meter-3ph.toml").read_text())
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+
+    def write_config(**overrides: str) -> None:
+        rig.write_config(**overrides)
+        text = rig.config_path.read_text()
+        rig.config_path.write_text(text.replace('"meter-3ph"', f'"{profile}"', 1))
+
+    write_config()
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("STATUS=running", 30)
+
+        profile.write_text("[device]\nname = 'broken'\n[[blocks]]\n")
+        write_config(grid_cap_kw="grid_cap_kw = 700.0")
+        await rig.signal(signal.SIGHUP)
+        rejected = await _until(
+            lambda: _logged(rig, "config_reload_rejected"), 10, "config_reload_rejected", rig
+        )
+        assert str(profile) in rejected[-1]["reason"]
+        status = await _status(rig)
+        assert status["cap_kw"] == 600.0
+        assert status["state"] == "running"
     finally:
         await rig.close()
 

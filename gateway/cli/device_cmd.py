@@ -102,7 +102,7 @@ def format_table(profile: Profile, readings: dict[str, Reading]) -> str:
                 point.name,
                 format_value(reading.value),
                 point.unit,
-                reading.quality.name,
+                reading.quality.name.lower(),
                 f"{point.function} {point.address}",
             )
         )
@@ -122,7 +122,7 @@ def format_table(profile: Profile, readings: dict[str, Reading]) -> str:
 
 def format_json(name: str, readings: dict[str, Reading], errors: list[str]) -> str:
     points = {
-        point_name: {"value": r.value, "unit": r.unit, "quality": r.quality.name}
+        point_name: {"value": r.value, "unit": r.unit, "quality": r.quality.name.lower()}
         for point_name, r in readings.items()
     }
     return json.dumps({"device": name, "points": points, "errors": errors})
