@@ -701,7 +701,7 @@ class Daemon:
         try:
             save = aio.run_in_executor(self._planner_pool, planner.save, time.time())
             await asyncio.wait_for(save, PLANNER_SAVE_TIMEOUT_S)
-        except (OSError, TimeoutError) as err:
+        except (OSError, asyncio.TimeoutError) as err:
             # The error text is the whole diagnosis; no traceback.
             log.error(  # noqa: TRY400
                 "planner_state_not_saved", path=str(planner.state_path), error=repr(err)

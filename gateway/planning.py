@@ -457,7 +457,7 @@ class SupervisoryPlanner:
         )
         try:
             plan, state = await asyncio.wait_for(asyncio.shield(self._busy), timeout_s)
-        except TimeoutError as err:
+        except asyncio.TimeoutError as err:
             raise TimeoutError(
                 f"the planner took longer than {timeout_s:g} s; the previous plan stays in force"
             ) from err

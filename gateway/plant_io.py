@@ -245,7 +245,7 @@ class PlantIO:
                 writer.note_cycle_failed(err)
             else:
                 writer.note_cycle_ok()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._writers_stop.wait(), writer.period_s)
 
     # -- loop inputs -------------------------------------------------------

@@ -329,7 +329,7 @@ class DaemonProcess:
             return None
         try:
             await asyncio.wait_for(asyncio.shield(self._watch), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return None
         return self.proc.returncode
 
@@ -595,7 +595,7 @@ class HilRun:
     async def _wait_finished(self) -> None:
         while not self.clock.finished.is_set():
             self._report("running", self.clock.run_s)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.clock.finished.wait(), 0.5)
         self._report("stopping", self.clock.n * self.dt_s)
 

@@ -90,7 +90,7 @@ async def _run_plant(
             plant.step(0.0, 0.0)
         done = due
         each_chunk()
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), CHUNK_S)
 
 
@@ -149,7 +149,7 @@ async def _serve_meter(
             t_s = time.monotonic() - started
             index = int(t_s / METER_STEP_S) % measured.size
             device.publish(float(measured[index]), t_s)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), scenario.meters.update_ms / 1000.0 / 2)
     finally:
         await device.stop()

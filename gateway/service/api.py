@@ -225,7 +225,7 @@ class ApiServer:
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 return
             except ValueError:
                 # StreamReader raises ValueError when a line exceeds its limit.
