@@ -1,6 +1,6 @@
 # Set-up and entry points. Both targets create .venv on first use.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -25,4 +25,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway drivers hil tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info out
+	rm -rf .venv .venv-py310 build *.egg-info out
