@@ -117,12 +117,12 @@ def judge_criteria(scenario: Scenario, values: dict[str, Any]) -> list[report.Cr
     return results
 
 
-def _seconds_text(seconds: list[int], shown: int = 6) -> str:
-    """Name the run seconds over the ramp limit, the first ``shown`` of them."""
+def _seconds_text(seconds: list[int], max_listed: int = 6) -> str:
+    """Format the run seconds over the ramp limit, at most ``max_listed`` of them."""
     if not seconds:
         return ""
-    listed = ", ".join(str(k) for k in seconds[:shown])
-    more = f" and {len(seconds) - shown} more" if len(seconds) > shown else ""
+    listed = ", ".join(str(k) for k in seconds[:max_listed])
+    more = f" and {len(seconds) - max_listed} more" if len(seconds) > max_listed else ""
     return f" (s {listed}{more})"
 
 

@@ -38,8 +38,8 @@ GOOD = 0  # drivers.quality.Quality.GOOD
 BMS_PERIOD_S = 1.0
 #: The daemon's input cycle: how often it writes the fast loop's inputs.
 INPUT_PERIOD_S = 0.01
-#: How long the HIL rig holds the traces' first values while the daemon starts, before run
-#: time 0 (READY and the switch to running took 5.3 s in `make demo`); the daemon's
+#: How long the HIL rig keeps the traces' first values while the daemon starts, before run
+#: time 0 (READY and the switch to running took 5.3 s in one `make demo`). The daemon's
 #: predictor sees that flat stretch first, so the replay feeds it the same.
 WARMUP_HOLD_S = 5.0
 

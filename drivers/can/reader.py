@@ -112,7 +112,7 @@ def default_open_delay_s(channel: str) -> float:
     """Return the slcan open delay for ``channel``: 0 over ``socket://`` or a pty, else 2 s.
 
     python-can waits 2 s by default because some USB adapters (Arduino-style
-    boards) reset when the port opens; a TCP socket or a pseudo-terminal
+    boards) reset when the port opens. A TCP socket or a pseudo-terminal
     (``/dev/pts/N``) has no board behind it to reset.
     """
     return 0.0 if channel.startswith(("socket://", "/dev/pts/")) else 2.0

@@ -178,8 +178,8 @@ class PeriodicPredictor:
             self.period_s, self.periodicity = None, 0.0
             return
         searched = corr[lo : hi + 1] / corr[0]
-        # Every multiple of the period correlates about as well as the period itself; take
-        # the shortest lag whose peak comes within PEAK_TOLERANCE of the best one.
+        # Every multiple of the period correlates about as well as the period itself, so
+        # take the shortest lag whose peak comes within PEAK_TOLERANCE of the best one.
         best = float(searched.max())
         peaks = np.flatnonzero(
             (searched[1:-1] >= searched[:-2])
@@ -187,13 +187,13 @@ class PeriodicPredictor:
             & (searched[1:-1] >= best - PEAK_TOLERANCE)
         )
         if peaks.size == 0:
-            # The best lag is at an end of the range: no period inside it (yet).
+            # The best lag is at an end of the range, so no period lies inside it yet.
             self.period_s, self.periodicity = None, 0.0
             return
         lag = lo + int(peaks[0]) + 1
         self.periodicity = self._period_match(x, lag)
-        # Refine on the longest multiple of the period in the window: the peak's position is
-        # found to a fraction of a sample there, and dividing by the multiple shrinks the error.
+        # Refine on the longest multiple of the period in the window. The peak is located to a
+        # fraction of a sample there too, and dividing by the multiple shrinks that error.
         multiple = max((hi - 1) // lag, 1)
         around = multiple * lag
         if multiple > 1:
