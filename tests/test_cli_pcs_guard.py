@@ -149,7 +149,7 @@ def test_rejects_while_daemon_listens(tmp_path, capsys):
         code = pcs_set(config, "--kw", "10", "--for", "1")
     assert code == 2
     err = capsys.readouterr().err
-    assert "the bessgw daemon is running" in err
+    assert "the bessgw daemon may be running (it accepts connections on" in err
     assert "systemctl stop bessgw" in err
 
 
@@ -166,7 +166,7 @@ def test_unreadable_api_socket_rejects(tmp_path, capsys, monkeypatch):
     code = pcs_set(config, "--kw", "10", "--for", "1")
     assert code == 2
     err = capsys.readouterr().err
-    assert "cannot tell whether the bessgw daemon is running" in err
+    assert "the bessgw daemon may be running (connecting to" in err
     assert "Permission denied" in err
     assert "member of group bessgw" in err
 
@@ -295,3 +295,69 @@ def test_zero_limits_clamp_target(tmp_path, capsys):
     first_zero = tail.index(0)
     assert set(tail[:first_zero]) <= {8_000}
     assert set(tail[first_zero:]) == {0}
+
+
+# ----------------------------------------------------------------------------- another master
+
+
+def test_other_writer_stops_test(tmp_path, capsys):
+    # Another controller writes its own setpoint every 20 ms from the hold on: the test must
+    # stop writing instead of fighting it (no ramp, no disable), and say so.
+    with ServerThread() as sim:
+        config = write_config(tmp_path, sim.port, "unused")
+        done = threading.Event()
+
+        def other_master() -> None:
+            wait_for(sim, lambda: sim.server.get_point("WSet") == 8_000)
+            while not done.is_set():
+                sim.call(sim.server.set_point, "WSet", -5_000)
+                done.wait(0.02)
+
+        watcher = run_in_thread(other_master)
+        try:
+            code = pcs_set(
+                config, "--kw", "8", "--for", "30", "--ramp-kw-per-s", "40", "--without-bms"
+            )
+        finally:
+            done.set()
+            watcher.join(5)
+        written = setpoints_w(sim)
+        conn = sim.call(sim.server.get_point, "Conn")
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "stopped: the PCS's setpoint reads -5.0 kW, not the 8.0 kW this test wrote" in (
+        captured.out
+    )
+    assert "did not disable it" in captured.err
+    # The test's own writes end at 8 kW: no ramp down, no 0 kW, and the PCS still enabled.
+    assert written[-1] == 8_000
+    assert conn == 1
+
+
+def test_daemon_start_stops_test(tmp_path, capsys):
+    # The daemon (restarted by systemd, say) starts listening during the hold.
+    with ServerThread() as sim:
+        config = write_config(tmp_path, sim.port, "unused")
+        daemon_api = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def start_daemon_at_hold() -> None:
+            wait_for(sim, lambda: sim.server.get_point("WSet") == 8_000)
+            daemon_api.bind(str(tmp_path / "api.sock"))
+            daemon_api.listen(1)
+
+        watcher = run_in_thread(start_daemon_at_hold)
+        try:
+            code = pcs_set(
+                config, "--kw", "8", "--for", "30", "--ramp-kw-per-s", "40", "--without-bms"
+            )
+        finally:
+            watcher.join(5)
+            daemon_api.close()
+        conn = sim.call(sim.server.get_point, "Conn")
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "stopped: the bessgw daemon started during the test (it accepts connections" in (
+        captured.out
+    )
+    assert "done:" not in captured.out
+    assert conn == 1

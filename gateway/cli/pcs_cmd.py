@@ -23,7 +23,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from drivers.modbus.errors import ModbusError
@@ -38,7 +38,7 @@ from drivers.pcs import (
 )
 from gateway.cli import EXIT_IO, EXIT_OK, EXIT_USAGE, CliError
 from gateway.cli.device_cmd import find_device
-from gateway.cli.pcs_guard import BmsGuard, reject_if_daemon_running
+from gateway.cli.pcs_guard import BmsGuard, daemon_seen, reject_if_daemon_running
 from gateway.config import DEFAULT_CONFIG_PATH, Device, SiteConfig, load_config
 from gateway.logs import configure_logging
 
@@ -288,13 +288,18 @@ class StepTest:
         plan: StepPlan,
         interrupts: _Interrupts,
         guard: BmsGuard | None = None,
+        daemon_probe: Callable[[], str] | None = None,
     ) -> None:
         self.driver = driver
         self.plan = plan
         self.interrupts = interrupts
         self.guard = guard
+        #: Returns why the daemon may be running, or "" (see ``pcs_guard.daemon_seen``).
+        self.daemon_probe = daemon_probe
         #: Why the BMS check ended the test, or "" while it allows the target.
         self.stop_reason = ""
+        #: Why another controller seems to command the PCS, or "". Once set, nothing is written.
+        self.other_master = ""
         self._clamp_reported = False
         self.target_kw = 0.0
         self.cycle_s = driver.policy.settings.min_write_interval_s
@@ -307,19 +312,32 @@ class StepTest:
         await self.ramp("ramp up", self.plan.p_kw, self.plan.ramp_kw_per_s)
         if not self.interrupted:
             await self.hold()
+        if self.other_master:
+            return False
         if self.interrupted:
             if not self.stop_reason:
                 print("interrupted: ramping to 0 kW", flush=True)
             await self.ramp("abort", 0.0, self.plan.abort_ramp_kw_per_s)
-            await self.print_line("end")
+            if not self.other_master:
+                await self.print_line("end")
             return False
         await self.ramp("ramp down", 0.0, self.plan.ramp_kw_per_s)
+        if self.other_master:
+            return False
         await self.print_line("end")
         return not self.interrupted
 
     @property
     def interrupted(self) -> bool:
-        return self.interrupts.count > 0 or bool(self.stop_reason)
+        return self.interrupts.count > 0 or bool(self.stop_reason) or bool(self.other_master)
+
+    def _ramp_over(self, to_zero: bool) -> bool:
+        """Return whether a ramp must end now, before its end value."""
+        if self.other_master:
+            return True
+        if to_zero:
+            return self.interrupts.count >= 2
+        return self.interrupts.count >= 1 or bool(self.stop_reason)
 
     async def ramp(self, phase: str, end_kw: float, rate_kw_per_s: float) -> None:
         """Move the setpoint to ``end_kw`` at ``rate_kw_per_s``.
@@ -330,8 +348,8 @@ class StepTest:
         to_zero = end_kw == 0.0
         last_s = time.monotonic()
         while True:
-            if self.interrupts.count >= (2 if to_zero else 1):
-                if to_zero:
+            if self._ramp_over(to_zero):
+                if to_zero and not self.other_master:
                     await self._command_zero_now()
                 return
             now_s = time.monotonic()
@@ -349,7 +367,8 @@ class StepTest:
 
     async def cycle(self, phase: str) -> None:
         started_s = time.monotonic()
-        self._apply_bms_check()
+        if self._apply_bms_check() or self.other_master:
+            return  # the caller ramps to 0 from here, or stops writing
         await self.driver.step(self.target_kw)
         self._check_fault()
         if started_s >= self.next_print_s:
@@ -359,6 +378,7 @@ class StepTest:
 
     async def print_line(self, phase: str) -> None:
         status = await self.driver.read_status()
+        self._check_other_master(status)
         elapsed_s = time.monotonic() - self.started_s
         print(
             f"  {elapsed_s:6.1f}  {phase:<10}  {_tenths(self.target_kw):>9}  "
@@ -366,16 +386,38 @@ class StepTest:
             flush=True,
         )
 
-    def _apply_bms_check(self) -> None:
-        """Clamp the target to the BMS's limit now; on a stop reason, end the test."""
-        if self.guard is None:
+    def _check_other_master(self, status: PcsStatus) -> None:
+        """Stop writing when the daemon started or the setpoint differs from the last write."""
+        if self.other_master:
             return
+        seen = self.daemon_probe() if self.daemon_probe is not None else ""
+        written_kw = self.driver.policy.verified("p")
+        tolerance_kw = self.driver.policy.settings.readback_tolerance_kw
+        if seen:
+            self.other_master = f"the bessgw daemon started during the test ({seen})"
+        elif (
+            status.setpoint_kw.good
+            and written_kw is not None
+            and abs(status.setpoint_kw.value - written_kw) > tolerance_kw
+        ):
+            self.other_master = (
+                f"the PCS's setpoint reads {_tenths(status.setpoint_kw.value)} kW, not the "
+                f"{_tenths(written_kw)} kW this test wrote last, so another controller writes it"
+            )
+        if self.other_master:
+            print(f"stopped: {self.other_master}; this test writes nothing more", flush=True)
+
+    def _apply_bms_check(self) -> bool:
+        """Clamp the target to the BMS's limit now; return True when a stop reason appears."""
+        if self.guard is None:
+            return False
         verdict = self.guard.judge(self.target_kw)
         if verdict.stop_reason:
-            if not self.stop_reason:
-                self.stop_reason = verdict.stop_reason
-                print(f"BMS check: {verdict.stop_reason}; ramping to 0 kW", flush=True)
-            return
+            if self.stop_reason:
+                return False  # already ramping to 0 kW
+            self.stop_reason = verdict.stop_reason
+            print(f"BMS check: {verdict.stop_reason}; ramping to 0 kW", flush=True)
+            return True
         if abs(verdict.allowed_kw) < abs(self.target_kw):
             if not self._clamp_reported:
                 self._clamp_reported = True
@@ -385,6 +427,7 @@ class StepTest:
                     flush=True,
                 )
             self.target_kw = verdict.allowed_kw
+        return False
 
     def _verified(self, end_kw: float) -> bool:
         verified = self.driver.policy.verified("p")
@@ -440,7 +483,7 @@ def run_set(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        return _run_step(config, device, plan, None)
+        return _run_step(config, device, plan, None, args.config)
     if not (math.isfinite(args.bms_wait) and args.bms_wait > 0):
         raise CliError(f"--bms-wait {args.bms_wait:g} is invalid: give seconds > 0", EXIT_USAGE)
     with BmsGuard(config, device, args.config) as guard:
@@ -452,10 +495,12 @@ def run_set(args: argparse.Namespace) -> int:
             f"charge up to {charge_kw:.1f} kW, discharge up to {discharge_kw:.1f} kW",
             flush=True,
         )
-        return _run_step(config, device, plan, guard)
+        return _run_step(config, device, plan, guard, args.config)
 
 
-def _run_step(config: SiteConfig, device: Device, plan: StepPlan, guard: BmsGuard | None) -> int:
+def _run_step(
+    config: SiteConfig, device: Device, plan: StepPlan, guard: BmsGuard | None, config_path: str
+) -> int:
     """Run the step test on a connected driver; return the exit code."""
     test: StepTest | None = None
 
@@ -474,7 +519,9 @@ def _run_step(config: SiteConfig, device: Device, plan: StepPlan, guard: BmsGuar
                         flush=True,
                     )
                     await driver.enable()
-                    test = StepTest(driver, plan, interrupts, guard)
+                    test = StepTest(
+                        driver, plan, interrupts, guard, lambda: daemon_seen(config, config_path)
+                    )
                     completed = await test.run()
                     finished = True
                 except (PcsStartError, PcsFaultError) as err:
@@ -483,11 +530,19 @@ def _run_step(config: SiteConfig, device: Device, plan: StepPlan, guard: BmsGuar
                     raise CliError(str(err), EXIT_USAGE) from err
                 finally:
                     # After a fault the driver has already commanded 0 kW and disabled.
-                    if driver.started and driver.fault is None:
+                    other_master = test is not None and test.other_master
+                    if driver.started and driver.fault is None and not other_master:
                         disabled = await driver.disable()
                         if not disabled and not finished:
                             # An error is on its way out; add this warning to it.
                             print(f"warning: {_unverified(driver)}", file=sys.stderr)
+            if test is not None and test.other_master:
+                raise CliError(
+                    f"step test stopped: {test.other_master}. It left the PCS to that controller "
+                    "and did not disable it; find what else commands the PCS (`systemctl status "
+                    "bessgw`, the plant controller) before the next test",
+                    EXIT_IO,
+                )
             if not disabled:
                 raise CliError(_unverified(driver), EXIT_IO)
             print("done: 0 kW, PCS disabled" if completed else "stopped: 0 kW, PCS disabled")

@@ -32,31 +32,40 @@ from gateway.config import Device, SiteConfig
 from gateway.plant_io import pair_bms
 
 
-def reject_if_daemon_running(config: SiteConfig, config_path: str) -> None:
-    """Raise CliError when a process accepts connections on the daemon's API socket."""
+def daemon_seen(config: SiteConfig, config_path: str) -> str:
+    """Return why the daemon may be running, or "" when its API socket is gone or refuses.
+
+    Only a refused connection or a missing file mean no daemon. Permission
+    denied (a user outside group bessgw) or a timeout might hide a running
+    daemon, so they count as one.
+    """
     path = Path(config.service.api_socket)
     if not path.exists():
-        return
+        return ""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
-            return  # a socket file left behind by a stopped daemon
+            return ""  # a socket file left behind by a stopped daemon
         except OSError as err:
-            # Permission denied or a timeout: the daemon may be running, so do not go on.
-            raise CliError(
-                f"cannot tell whether the bessgw daemon is running: connecting to {path} "
-                f"(service.api_socket in {config_path}) failed: {err}. Run the test as root or "
-                "as a member of group bessgw, or stop the daemon first (`systemctl stop bessgw`)",
-                EXIT_USAGE,
-            ) from err
-    raise CliError(
-        f"the bessgw daemon is running (it accepts connections on {path}, service.api_socket in "
-        f"{config_path}) and commands the PCS itself; stop it first "
-        "(`systemctl stop bessgw`), then run the step test",
-        EXIT_USAGE,
-    )
+            return (
+                f"connecting to {path} (service.api_socket in {config_path}) failed: {err}, "
+                "so the daemon may be running"
+            )
+    return f"it accepts connections on {path}, service.api_socket in {config_path}"
+
+
+def reject_if_daemon_running(config: SiteConfig, config_path: str) -> None:
+    """Raise CliError when the daemon may be running: it commands the PCS itself."""
+    seen = daemon_seen(config, config_path)
+    if seen:
+        raise CliError(
+            f"the bessgw daemon may be running ({seen}) and would command the PCS at the "
+            "same time; stop it first (`systemctl stop bessgw`), and run the test as root or "
+            "as a member of group bessgw so that the check can see the daemon",
+            EXIT_USAGE,
+        )
 
 
 @dataclass(frozen=True)
