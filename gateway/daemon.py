@@ -178,6 +178,9 @@ class Daemon:
         self.notifier.status("init: opening the store and the devices")
         await self._store_call(self.store.open)
         await self._record_event("daemon_started", f"bessgw started with {self._config_name()}")
+        closed = await self._store_call(self.store.close_previous_run_faults)
+        if closed:
+            log.info("previous_run_faults_closed", fault_ids=closed)
         service = self.config.service
         if service.metrics_port:
             self.metrics = Metrics()
@@ -247,13 +250,15 @@ class Daemon:
         except Exception:
             log.exception("pcs_shutdown_failed")
 
+        # Stop the fast loop before its inputs: once the input cycle and the links stop, every
+        # input goes stale and the loop would latch faults that are only the shutdown itself.
+        self.loop.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.api.stop()
         await self.plant.stop()
-        self.loop.stop()
 
         records = self.loop.drain()
         if self.telemetry is not None:

@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from gateway.cli import main
+from gateway.cli.run_cmd import _fault_line
 from gateway.service import api as api_module
 from gateway.service.api import ApiClient, ApiError, ApiRejectedError, ApiServer
 
@@ -266,3 +267,26 @@ async def test_cli_rejected_exit_code(server, capsys):
     code = await asyncio.to_thread(main, ["mode", "manual", "--socket", str(server.path)])
     assert code == 1
     assert "rejected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("source", "cleared", "latched", "reset", "expected"),
+    [
+        ("site", None, True, None, "cause present"),
+        ("site", 101.0, True, None, "cleared, waiting for reset"),
+        ("site", 101.0, False, None, "cleared"),
+        ("pcs-1", None, True, None, "latched until reset"),
+        ("pcs-1", 101.0, True, 101.0, "reset"),
+    ],
+)
+def test_fault_line_states(source, cleared, latched, reset, expected):
+    fault = {
+        "id": 4,
+        "raised_utc": 100.0,
+        "code": "pcs_lost",
+        "source": source,
+        "cleared_utc": cleared,
+        "latched": latched,
+        "reset_utc": reset,
+    }
+    assert _fault_line(fault) == f"#4 1970-01-01 00:01:40Z pcs_lost on {source}: {expected}"

@@ -133,6 +133,9 @@ def test_gateway_sigterm_cli(tmp_path):
     assert report["gateway_starts"] == 2
     assert report["final_stop"]["exit_code"] == 0
     assert {p.name for p in out.iterdir()} >= {"report.json", "junit.xml", "report.png"}
+    # Stopping is not a fault: both stops end without a fault raised by stale inputs.
+    events = [json.loads(line) for line in (out / "daemon.log").read_text().splitlines()]
+    assert [e["code"] for e in events if e.get("event") == "fault_raised"] == []
 
 
 def test_unknown_fault_device(tmp_path):

@@ -137,6 +137,37 @@ def test_fault_unlatched_clears(tmp_path):
         assert store.reset_fault(fault_id, "bob") is False
 
 
+def test_previous_run_faults_closed(tmp_path):
+    """A restart closes what the last process left active, and only that, with its events."""
+    with Store(tmp_path) as store:
+        present = store.raise_fault("pcs_lost", "no answer", source="pcs-1", t_utc=100.0)
+        waiting = store.raise_fault("grid_stale", "stale", source="site", t_utc=101.0)
+        store.clear_fault(waiting, t_utc=102.0)
+        unlatched = store.raise_fault("bms_silent", "no frames", latched=False, t_utc=103.0)
+        done = store.raise_fault("meter_stale", "stale", t_utc=104.0)
+        store.clear_fault(done, t_utc=105.0)
+        store.reset_fault(done, "alice", t_utc=106.0)
+
+    with Store(tmp_path) as store:
+        assert store.close_previous_run_faults(t_utc=200.0) == [present, waiting, unlatched]
+        assert store.faults(active_only=True) == []
+        faults = {f.id: f for f in store.faults()}
+        assert faults[present].cleared_utc == 200.0
+        assert faults[present].reset_by == "restart"
+        assert faults[waiting].cleared_utc == 102.0
+        assert faults[waiting].reset_utc == 200.0
+        assert faults[unlatched].reset_utc is None
+        assert faults[done].reset_by == "alice"
+        assert store.close_previous_run_faults(t_utc=300.0) == []
+        restart_events = [e for e in store.events(limit=100) if e["t_utc"] == 200.0]
+    assert [e["kind"] for e in restart_events] == [
+        "fault_cleared",
+        "fault_reset",
+        "fault_reset",
+        "fault_cleared",
+    ]
+
+
 def test_aggregates_roundtrip_nan(tmp_path):
     rows = [
         Aggregate(10, "grid_kw", 1000, 5.0, 1.0, 9.0),

@@ -237,7 +237,11 @@ def _fault_line(fault: dict[str, Any]) -> str:
     raised = dt.datetime.fromtimestamp(fault["raised_utc"], dt.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%SZ"
     )
-    if fault["cleared_utc"] is None:
+    if fault["cleared_utc"] is None and fault["source"] not in (None, "site"):
+        # A unit's fault bits are latched in the fast loop; whether the cause persists is
+        # not tracked per unit, so the fault clears at the reset.
+        state = "latched until reset"
+    elif fault["cleared_utc"] is None:
         state = "cause present"
     elif fault["latched"] and fault["reset_utc"] is None:
         state = "cleared, waiting for reset"

@@ -303,6 +303,38 @@ class Store:
                 self._fault_event(fault_id, "fault_reset", "info", t, operator)
         return bool(changed)
 
+    def close_previous_run_faults(self, *, t_utc: float | None = None) -> list[int]:
+        """Clear and reset every fault still active from an earlier process; return their ids.
+
+        A new daemon starts with fresh interlocks and resets them once every
+        input is good, so a fault that the previous process left open no
+        longer describes the plant. Each closed fault gets its events, with
+        ``restart`` as the operator of the reset.
+        """
+        t = _now(t_utc)
+        with _Transaction(self.db):
+            ids = [
+                row[0]
+                for row in self.db.execute(
+                    f"SELECT id FROM faults WHERE {_ACTIVE_FAULT} ORDER BY id"  # noqa: S608
+                ).fetchall()
+            ]
+            for fault_id in ids:
+                cleared = self.db.execute(
+                    "UPDATE faults SET cleared_utc = ? WHERE id = ? AND cleared_utc IS NULL",
+                    (t, fault_id),
+                ).rowcount
+                if cleared:
+                    self._fault_event(fault_id, "fault_cleared", "info", t, None)
+                reset = self.db.execute(
+                    "UPDATE faults SET reset_utc = ?, reset_by = 'restart' "
+                    "WHERE id = ? AND latched = 1 AND reset_utc IS NULL",
+                    (t, fault_id),
+                ).rowcount
+                if reset:
+                    self._fault_event(fault_id, "fault_reset", "info", t, "restart")
+        return ids
+
     def _fault_event(
         self, fault_id: int, kind: str, severity: str, t: float, operator: str | None
     ) -> None:
