@@ -390,7 +390,9 @@ class Daemon:
             await asyncio.sleep(SUPERVISE_PERIOD_S / 2)
         # Two input cycles, so the loop's first snapshot contains every device.
         await asyncio.sleep(2 * INPUT_PERIOD_S)
-        self.loop.start()
+        # On a thread: locking the memory takes a few hundred ms, during which the pollers and
+        # the input cycle must go on, or the first ticks find stale inputs and latch faults.
+        await asyncio.to_thread(self.loop.start)
 
     async def _supervise(self) -> None:
         """Drain the ring, check loop health, feed the watchdog, update the state."""

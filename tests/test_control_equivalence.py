@@ -184,8 +184,12 @@ def test_equivalence_live_thread_replay():
     records = loop.drain()
     health = loop.health()
     assert health.overflows == 0
-    assert health.snapshot_reuses == 0
     assert len(records) == health.ticks
+    # A tick reuses the previous snapshot when the writer is preempted inside the seqlock
+    # (a loaded 2-core machine does that now and then). The record names the generation it
+    # used and flags the reuse; the law itself does not know the flag, so it is copied over.
+    reused = (records["limit_bits"] & Limit.SNAPSHOT_REUSED).astype(bool)
+    assert int(reused.sum()) == health.snapshot_reuses
 
     state = law.LawState.initial(N_UNITS)
     replay = []
@@ -195,7 +199,9 @@ def test_equivalence_live_thread_replay():
         site["generation"] = record["generation"]
         state, result = law.step(params, state, site, units, int(record["t_ns"]))
         replay.append(result.to_record(site, units, int(record["tick"]), int(record["t_ns"])))
-    assert_records_equal(records, np.stack(replay), same_generation=True)
+    replayed = np.stack(replay)
+    replayed["limit_bits"][reused] |= np.uint32(Limit.SNAPSHOT_REUSED)
+    assert_records_equal(records, replayed, same_generation=True)
     seen = np.bitwise_or.reduce(records["fault_bits"])
     assert seen & Fault.LOAD_STALE
     assert seen & Fault.ESTOP

@@ -212,6 +212,32 @@ async def test_sighup_rejects_broken_profile(tmp_path):
         await rig.close()
 
 
+async def test_locked_memory_start_no_fault(tmp_path):
+    """A start with locked memory and the default stale time (three 50 ms polls) has no fault.
+
+    mlockall runs on a worker thread with the GIL released, so the pollers go
+    on while it faults in the process's pages. Here it takes tens of ms, so
+    the test guards the whole start rather than a long lock.
+    """
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+    rig.write_config()
+    text = rig.config_path.read_text()
+    text = text.replace("lock_memory = false", "lock_memory = true")
+    text = text.replace("\nstale_ms = 1000\n", "\n")
+    rig.config_path.write_text(text)
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("READY=1", 30)
+        started = _logged(rig, "fast_loop_started")
+        assert started[-1]["mlockall"] is True
+        await asyncio.sleep(0.5)
+        assert _logged(rig, "fault_raised") == []
+        assert (await _status(rig))["state"] == "running"
+    finally:
+        await rig.close()
+
+
 async def test_fault_reset_cli(tmp_path):
     """A silent BMS latches a fault; once frames return, `bessgw fault reset` clears it."""
     rig = DaemonRig(tmp_path)

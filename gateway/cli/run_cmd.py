@@ -14,6 +14,7 @@ import datetime as dt
 import getpass
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from gateway.logs import LOG_LEVELS, configure_logging
 from gateway.service.api import ApiClient, ApiError
 from gateway.service.store import StoreError
 from gateway.site_check import load_site_config
+
+#: Stack size of the daemon's Python threads (executor, CAN readers, store, HTTP metrics).
+#: 1 MiB covers the deepest of them (pydantic validation, json) with room to spare.
+THREAD_STACK_BYTES = 1024 * 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,6 +122,10 @@ def run_daemon(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
     from gateway.daemon import Daemon  # noqa: PLC0415 - keeps the client commands light
+
+    # Every thread's stack is resident once the fast loop locks the memory (mlockall with
+    # MCL_FUTURE); Linux's default of 8 MiB per thread would cost tens of MiB for nothing.
+    threading.stack_size(THREAD_STACK_BYTES)
 
     try:
         daemon = Daemon(config, args.config)

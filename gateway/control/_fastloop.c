@@ -26,6 +26,9 @@
 #include "fl_law.h"
 #include "fl_sync.h"
 
+/* Stack of the loop thread: the law and the seqlock copies use well under 64 kB. */
+#define LOOP_STACK_BYTES (256 * 1024)
+
 /* Tries before the thread gives up on a snapshot and reuses the last one. A
  * copy takes well under a microsecond, so 64 failed tries mean the writer was
  * preempted in the middle of its copy. */
@@ -409,11 +412,14 @@ static PyObject *Kernel_start(KernelObject *k, PyObject *args, PyObject *kwds)
     k->affinity_errno = 0;
     int mlock_errno = 0;
     if (lock_memory) {
-        if (mlockall(MCL_CURRENT | MCL_FUTURE) == 0) {
-            k->locked_memory = 1;
-        } else {
-            mlock_errno = errno;
-        }
+        /* mlockall faults in every mapped page, which takes a few hundred ms in a process
+           with numpy loaded; other Python threads (the daemon's pollers) keep running. */
+        int locked;
+        Py_BEGIN_ALLOW_THREADS
+        locked = mlockall(MCL_CURRENT | MCL_FUTURE);
+        if (locked != 0) mlock_errno = errno;
+        Py_END_ALLOW_THREADS
+        if (locked == 0) k->locked_memory = 1;
     }
     atomic_store(&k->ready, 0);
     atomic_store(&k->running, 1);
@@ -421,7 +427,13 @@ static PyObject *Kernel_start(KernelObject *k, PyObject *args, PyObject *kwds)
     atomic_store(&k->missed, 0);
     atomic_store(&k->max_late_ns, 0);
     atomic_store(&k->last_tick_ns, mono_ns());
-    int err = pthread_create(&k->thread, NULL, loop_main, k);
+    /* The loop needs a few kB of stack. glibc's default is 8 MiB, all of it resident once
+       mlockall(MCL_FUTURE) is in force, so ask for LOOP_STACK_BYTES instead. */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, LOOP_STACK_BYTES);
+    int err = pthread_create(&k->thread, &attr, loop_main, k);
+    pthread_attr_destroy(&attr);
     if (err != 0) {
         atomic_store(&k->running, 0);
         if (k->locked_memory) munlockall();
