@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from drivers.modbus.profile import load_profile
 from hil import plant as plant_model
 from hil.devices import BmsDevice, MeterDevice, PcsUnit
+from hil.gateway_config import write_bms_profile
 from hil.scenario import Scenario
 from hil.sil import battery_params, pcs_params
 from hil.site import build_traces
@@ -50,6 +53,9 @@ class ServeOptions:
     #: TCP port on 127.0.0.1; 0 picks a free one.
     port: int = 0
     unit_id: int = 1
+    #: BMS only: where to write a BMS profile whose ranges fit the simulated pack; None
+    #: writes it into a new temporary folder.
+    profile_out: Path | None = None
 
 
 Ready = Callable[[str], None]
@@ -165,9 +171,15 @@ async def _serve_bms(options: ServeOptions, ready: Ready, stop: asyncio.Event) -
         if string.due(plant.t_s):
             string.send(plant.t_s)
 
+    profile_out = options.profile_out
+    if profile_out is None:
+        profile_out = Path(tempfile.mkdtemp(prefix="bessgw-hil-")) / "bms-profile.toml"
+    write_bms_profile(scenario, profile_out)
     ready(
         f"BMS simulator (Pylontech frames every {string.period_s:g} s, one of "
-        f"{scenario.pcs.units} strings) on {url}"
+        f"{scenario.pcs.units} strings, {scenario.battery.cells_in_series} LFP cells) on {url}; "
+        f"the built-in bms-pylontech profile fits 48 V packs, so give the gateway "
+        f"profile = \"{profile_out}\", written for this pack"
     )
     try:
         await _run_plant(plant, send, stop)

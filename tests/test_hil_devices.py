@@ -336,9 +336,10 @@ def test_serve_meter_answers_mbpoll():
     assert rc == 0
 
 
-async def test_serve_bms_sends_frames():
+async def test_serve_bms_sends_frames(tmp_path):
     """`bessgw hil serve bms` sends Pylontech frame lines once a client opens the channel."""
-    proc, line = await asyncio.to_thread(_serve, "bms")
+    profile_out = str(tmp_path / "bms-profile.toml")
+    proc, line = await asyncio.to_thread(_serve, "bms", "--profile-out", profile_out)
     try:
         port = int(line.split("socket://127.0.0.1:")[1].split(";")[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -706,3 +707,33 @@ async def test_gateway_config_for_site(tmp_path):
     profile = load_bms_profile(files.bms_profile_path)
     assert profile.ranges["pack_voltage_v"] == (225.0, 328.5)
     assert str(files.api_socket).startswith(str(tmp_path))
+
+
+def test_serve_bms_profile_fits_gateway(tmp_path):
+    """`hil serve bms` writes the profile that fits its pack; with it the gateway goes online."""
+    profile_path = tmp_path / "bms-profile.toml"
+    proc, line = _serve("bms", "--port", "0", "--profile-out", str(profile_path))
+    try:
+        assert f'profile = "{profile_path}"' in line
+        url = line.split(" on ")[1].split(";")[0]
+        string = BmsString(
+            BmsStringConfig(
+                name="bms-1",
+                profile=load_bms_profile(profile_path),
+                max_current_a=2000.0,
+                stale_s=3.0,
+                recovery_frame_sets=3,
+            )
+        )
+        reader = CanReader(CanLink("slcan", url, slcan_open_delay_s=0.0), string.on_message)
+        reader.start()
+        try:
+            online = wait_until(lambda: string.snapshot().state is BmsState.ONLINE, 15.0)
+            snapshot = string.snapshot()
+        finally:
+            reader.stop()
+    finally:
+        rc = _interrupt(proc)
+    assert online, snapshot.reason
+    assert snapshot.power_allowed
+    assert rc == 0

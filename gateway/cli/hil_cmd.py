@@ -72,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="scenario whose sizes and traces the device takes (default ai-training-wind)",
     )
+    serve.add_argument(
+        "--profile-out",
+        metavar="FILE",
+        help="bms only: write the BMS profile that fits the simulated pack here "
+        "(default: a new folder under /tmp); the banner names it",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     serve.set_defaults(func=run_serve)
 
@@ -208,7 +214,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from drivers.modbus.server import ServerStartError  # noqa: PLC0415 - heavy imports
     from hil.serve import ServeOptions, serve_device  # noqa: PLC0415
 
-    options = ServeOptions(args.kind, scenario, args.profile, args.port, args.unit_id)
+    if args.profile_out is not None and args.kind != "bms":
+        raise CliError("--profile-out applies to `hil serve bms` only", EXIT_USAGE)
+    profile_out = Path(args.profile_out) if args.profile_out is not None else None
+    options = ServeOptions(
+        args.kind, scenario, args.profile, args.port, args.unit_id, profile_out=profile_out
+    )
 
     def ready(line: str) -> None:
         print(f"{line}; Ctrl-C stops", flush=True)
