@@ -63,11 +63,15 @@ async def time_to_ready(with_bms: bool) -> float:
             await rig.close()
 
 
-async def soak(soak_s: float, settle_s: float) -> dict[str, float]:
+async def soak(soak_s: float, settle_s: float, lock_memory: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         rig = DaemonRig(Path(tmp))
         await rig.start_plant()
         rig.write_config()
+        if lock_memory:
+            # The site default; the test rig turns it off.
+            text = rig.config_path.read_text()
+            rig.config_path.write_text(text.replace("lock_memory = false", "lock_memory = true"))
         try:
             await rig.start_daemon()
             await rig.wait_notify("STATUS=running", 60)
@@ -101,6 +105,7 @@ async def soak(soak_s: float, settle_s: float) -> dict[str, float]:
         ),
         "exit_code": code,
         "last_notify": state,
+        "lock_memory": lock_memory,
     }
 
 
@@ -110,7 +115,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return {
         "ready_s_with_bms": [round(x, 3) for x in ready_bms],
         "ready_s_without_bms": [round(x, 3) for x in ready_no_bms],
-        **await soak(args.soak_s, args.settle_s),
+        **await soak(args.soak_s, args.settle_s, args.lock_memory),
     }
 
 
@@ -125,13 +130,18 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="READY measurements per site (default 3)"
     )
+    parser.add_argument(
+        "--lock-memory",
+        action="store_true",
+        help="soak with control.lock_memory = true, the site default (mlockall)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"READY with BMS (slcan, 2 s open wait): {result['ready_s_with_bms']} s")
+    print(f"READY with BMS (slcan on a pty):       {result['ready_s_with_bms']} s")
     print(f"READY without BMS:                     {result['ready_s_without_bms']} s")
     print(f"RSS steady state: {result['rss_steady_mib']} MiB, max {result['rss_max_mib']} MiB")
     print(
