@@ -31,6 +31,7 @@ import structlog
 
 from drivers.can.bms import BmsString, BmsStringConfig, Severity
 from drivers.can.reader import CanLink, CanReader
+from drivers.can.reader import LinkState as CanLinkState
 from drivers.modbus.device import DeviceState, ModbusDevice
 from drivers.modbus.errors import ModbusError
 from drivers.modbus.link import LinkState, ModbusLink
@@ -82,6 +83,8 @@ class PlantIO:
         self.devices: dict[str, ModbusDevice] = {}
         self.bms: dict[str, BmsString] = {}
         self.can_readers: list[CanReader] = []
+        #: Each CAN reader with the BMS strings whose frames it carries.
+        self._can_strings: list[tuple[CanReader, list[BmsString]]] = []
         self.pcs: list[Device] = [d for d in config.devices if d.role == "pcs"]
         self.pcs_names = tuple(d.name for d in self.pcs)
         self.pcs_bms = pair_bms(config)
@@ -151,6 +154,7 @@ class PlantIO:
             reader = CanReader(links[key], sink)
             reader.start()
             self.can_readers.append(reader)
+            self._can_strings.append((reader, strings))
 
     async def stop(self) -> None:
         await _cancel([*self._writer_tasks, *self._tasks])
@@ -159,6 +163,7 @@ class PlantIO:
         for reader in self.can_readers:
             await asyncio.to_thread(reader.stop)
         self.can_readers = []
+        self._can_strings = []
         for link in self.links.values():
             with contextlib.suppress(Exception):
                 await link.close()
@@ -220,6 +225,11 @@ class PlantIO:
         """Copy BMS snapshots into the measurement store at 10 Hz."""
         while True:
             now = time.monotonic()
+            for reader, strings in self._can_strings:
+                state = reader.health().state
+                if state in (CanLinkState.DOWN, CanLinkState.BUS_OFF):
+                    for string in strings:
+                        string.link_down(f"{reader.link.describe()} is {state.value}", now)
             for name, string in self.bms.items():
                 snapshot = string.snapshot(now)
                 self.measurements.update(name, dict(snapshot.readings), now)

@@ -73,8 +73,12 @@ class SlcanBms:
                     os.write(self.master, frames)
 
     def close(self) -> None:
+        """Stop sending and close both ends of the pty; a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         os.close(self.master)
         os.close(self._slave)
 

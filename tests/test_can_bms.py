@@ -195,6 +195,29 @@ def test_silence_and_recovery_cycle():
     assert snap.power_window_kw() == pytest.approx((4.57404, 4.57404), abs=1e-12)
 
 
+def test_link_down_silences_at_once():
+    """A failed CAN link makes the string SILENT at once, not after the 5 s stale time."""
+    bms = make_string()
+    assert bms.link_down("slcan socket://127.0.0.1:1 is down", 0.0) is None
+    assert bms.snapshot(0.0).state is BmsState.WAITING  # nothing received yet: unchanged
+
+    last = feed_sets(bms, 0.0, 5)
+    assert bms.snapshot(last + 0.1).power_allowed
+
+    bms.link_down("slcan socket://127.0.0.1:1 is down", last + 0.2)
+    snap = bms.snapshot(last + 0.2)
+    assert snap.state is BmsState.SILENT
+    assert snap.reason == "CAN link down: slcan socket://127.0.0.1:1 is down"
+    assert not snap.power_allowed
+    assert snap.power_window_kw() == (0.0, 0.0)
+
+    # Back on the link: power again only after three consistent frame sets.
+    feed_sets(bms, last + 1.0, 2)
+    assert not bms.snapshot(last + 2.5).power_allowed
+    feed_sets(bms, last + 3.0, 1)
+    assert bms.snapshot(last + 3.5).power_allowed
+
+
 def test_silence_detected_on_resume():
     """A gap seen only when the next frame arrives still restarts the recovery count."""
     bms = make_string()

@@ -238,6 +238,30 @@ async def test_locked_memory_start_no_fault(tmp_path):
         await rig.close()
 
 
+async def test_bms_link_loss_silences_bms(tmp_path):
+    """A closed BMS link (the adapter unplugged) silences the BMS at once, not after 3 s."""
+    rig = DaemonRig(tmp_path)
+    await rig.start_plant()
+    rig.write_config()
+    try:
+        await rig.start_daemon()
+        await rig.wait_notify("STATUS=running", 30)
+        rig.bms.close()
+        silent = await _until(
+            lambda: [
+                e
+                for e in _logged(rig, "bms_state_changed")
+                if e["bms"] == "bms-1" and e["state"] == "silent"
+            ],
+            10,
+            "bms-1 silent",
+            rig,
+        )
+        assert silent[0]["reason"].startswith("CAN link down: slcan ")
+    finally:
+        await rig.close()
+
+
 async def test_fault_reset_cli(tmp_path):
     """A silent BMS latches a fault; once frames return, `bessgw fault reset` clears it."""
     rig = DaemonRig(tmp_path)

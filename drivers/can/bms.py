@@ -377,6 +377,22 @@ class BmsString:
                 BmsState.SILENT, f"no frame for more than {self._stale_s:g} s", last + self._stale_s
             )
 
+    def link_down(self, reason: str, now_mono_s: float | None = None) -> None:
+        """Enter SILENT at once because the CAN link that carries the frames failed.
+
+        Waiting for the stale time would allow power on values that can no
+        longer change for seconds. Recovery then needs the usual consistent
+        frame sets. Before the first frame (WAITING) nothing changes.
+        """
+        now = time.monotonic() if now_mono_s is None else now_mono_s
+        with self._lock:
+            if self._state in (BmsState.SILENT, BmsState.WAITING):
+                return
+            self._consistent_sets = 0
+            self._set_seen.clear()
+            self._set_problem = ""
+            self._set_state(BmsState.SILENT, f"CAN link down: {reason}", now)
+
     def _check_late_frames(self, now: float) -> None:
         """Leave ONLINE when frames still arrive but one frame of the set stopped.
 
