@@ -325,7 +325,8 @@ def decode_registers(
 
 
 def run_read(args: argparse.Namespace) -> int:
-    configure_logging("warning", "console", stream=sys.stderr)
+    # Errors only: the link's own warnings (link down, retry) repeat the error this prints.
+    configure_logging("error", "console", stream=sys.stderr)
     target, operands = split_target(args, needs=1)
     if len(operands) > 1:
         raise CliError(f"unexpected operands {operands[1:]}: read takes one ADDRESS", EXIT_USAGE)
@@ -486,7 +487,8 @@ async def sunspec_models(
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    configure_logging("warning", "console", stream=sys.stderr)
+    # Errors only: the link's own warnings (link down, retry) repeat the error this prints.
+    configure_logging("error", "console", stream=sys.stderr)
     target, operands = split_target(args, needs=0)
     if operands:
         raise CliError(
