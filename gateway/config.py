@@ -9,6 +9,7 @@ the value found, what is allowed and how to fix it.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -353,24 +354,26 @@ class SiteConfig(_Strict):
         if not any(d.role == "pcs" for d in self.devices):
             problems.append("no device has role 'pcs'; add at least one PCS to command")
         bms_names = {d.name for d in self.devices if d.role == "bms"}
-        for device in self.devices:
+        for index, device in enumerate(self.devices):
             if device.role == "bms" and device.max_current_a is None:
                 problems.append(
-                    f"device {device.name!r} is a BMS without max_current_a; set it to the "
+                    f"devices[{index}].max_current_a: device {device.name!r} is a BMS without "
+                    "max_current_a; set it to the "
                     "string's hardware current ceiling in A, which caps the BMS's limits"
                 )
             if device.bms is None:
                 continue
             if device.role != "pcs":
                 problems.append(
-                    f"device {device.name!r} has bms = {device.bms!r} but role {device.role!r}; "
+                    f"devices[{index}].bms: device {device.name!r} has bms = {device.bms!r} but "
+                    f"role {device.role!r}; "
                     "only a PCS names the BMS of its battery string"
                 )
             elif device.bms not in bms_names:
                 known = ", ".join(sorted(bms_names)) or "none"
                 problems.append(
-                    f"device {device.name!r} names bms = {device.bms!r}, which is not a device "
-                    f"with role 'bms' (BMS devices: {known})"
+                    f"devices[{index}].bms: device {device.name!r} names bms = {device.bms!r}, "
+                    f"which is not a device with role 'bms' (BMS devices: {known})"
                 )
         if problems:
             # _format_error prints each line of the message as its own error.
@@ -397,6 +400,10 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
+#: A message that starts with the key path it is about, such as ``devices[1].bms: ``.
+_KEY_PATH = re.compile(r"^[a-z_]+(\[\d+\])?(\.[a-z_]+)*: ")
+
+
 def _format_error(error: dict[str, Any]) -> list[str]:
     """Turn one pydantic error into printable lines, ``KEY.PATH: what is wrong; the fix``.
 
@@ -415,6 +422,12 @@ def _format_error(error: dict[str, Any]) -> list[str]:
     if kind == "missing":
         return [f"{location}: required key is missing; add it"]
     messages = error["msg"].removeprefix("Value error, ").splitlines()
+    if location == "(top level)":
+        # A whole-file check may name the key itself, as ``devices[1].bms: ...``.
+        return [
+            message if _KEY_PATH.match(message) else f"{location}: {message}"
+            for message in messages
+        ]
     if kind in ("model_type", "dict_type") or isinstance(value, (dict, list)):
         return [f"{location}: {message}" for message in messages]
     return [f"{location}: invalid value {value!r}: {message}" for message in messages]

@@ -96,8 +96,8 @@ def test_config_site_problems_all_listed(tmp_path, capsys):
     expected = [
         "(top level): device names must be unique; repeated: rack-01",
         "(top level): no device has role 'grid_meter'; the control law needs the grid power",
-        "(top level): device 'bms-1' is a BMS without max_current_a; set it to",
-        "(top level): device 'bms-1' has bms = 'bms-1' but role 'bms'; only a PCS names",
+        "devices[4].max_current_a: device 'bms-1' is a BMS without max_current_a; set it to",
+        "devices[4].bms: device 'bms-1' has bms = 'bms-1' but role 'bms'; only a PCS names",
     ]
     for line in expected:
         assert f"\n  {line}" in err
@@ -110,7 +110,7 @@ def test_config_unknown_bms_name(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text))
     assert info.value.problems == [
-        "(top level): device 'pcs-1' names bms = 'bms-9', which is not a device with role "
+        "devices[3].bms: device 'pcs-1' names bms = 'bms-9', which is not a device with role "
         "'bms' (BMS devices: bms-1)"
     ]
 
