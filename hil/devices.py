@@ -156,6 +156,10 @@ class MeterDevice(ModbusSim):
     kind = "meter"
     #: Line-to-neutral voltage published once at start, in V.
     PHASE_VOLTAGE_V = 230.0
+    #: Power factor of the simulated load, an assumption: server power supplies with
+    #: active power-factor correction run at about 0.95-0.99 under load. The currents, the
+    #: apparent and reactive power follow from it; the gateway reads none of them.
+    POWER_FACTOR = 0.98
 
     def __init__(self, name: str, profile: Profile, unit_id: int = 1) -> None:
         settings = profile.meter
@@ -176,9 +180,20 @@ class MeterDevice(ModbusSim):
         self.export_kwh = 0.0
         self.value_kw = math.nan
         self._last_t_s: float | None = None
-        for point in ("v_l1_v", "v_l2_v", "v_l3_v"):
+        self._names = names
+        fixed = {
+            "v_l1_v": self.PHASE_VOLTAGE_V,
+            "v_l2_v": self.PHASE_VOLTAGE_V,
+            "v_l3_v": self.PHASE_VOLTAGE_V,
+            "v_avg_v": self.PHASE_VOLTAGE_V,
+            "v_l1_l2_v": self.PHASE_VOLTAGE_V * math.sqrt(3),
+            "v_l2_l3_v": self.PHASE_VOLTAGE_V * math.sqrt(3),
+            "v_l3_l1_v": self.PHASE_VOLTAGE_V * math.sqrt(3),
+            "f_hz": 50.0,
+        }
+        for point, value in fixed.items():
             if point in names:
-                self.server.set_point(point, self.PHASE_VOLTAGE_V)
+                self.server.set_point(point, value)
 
     def _sentinel_points(self) -> list[str]:
         return [self._power_point, *self._phase_points]
@@ -205,6 +220,28 @@ class MeterDevice(ModbusSim):
             server.set_point(self._import_point, self.import_kwh)
         if self._export_point:
             server.set_point(self._export_point, self.export_kwh)
+        self._publish_derived(p_kw)
+
+    def _publish_derived(self, p_kw: float) -> None:
+        """Set the currents, power factors and apparent and reactive power that ``p_kw`` implies."""
+        pf = self.POWER_FACTOR
+        phase_a = abs(p_kw) * 1000.0 / 3 / (self.PHASE_VOLTAGE_V * pf)
+        apparent_kva = abs(p_kw) / pf
+        derived = {
+            "i_l1_a": phase_a,
+            "i_l2_a": phase_a,
+            "i_l3_a": phase_a,
+            "i_sum_a": 3 * phase_a,
+            "pf_l1": pf,
+            "pf_l2": pf,
+            "pf_l3": pf,
+            "pf": pf,
+            "s_kva": apparent_kva,
+            "q_kvar": apparent_kva * math.sqrt(1.0 - pf * pf),
+        }
+        for point, value in derived.items():
+            if point in self._names:
+                self.server.set_point(point, value)
 
 
 @dataclass(frozen=True)

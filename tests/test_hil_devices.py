@@ -408,6 +408,28 @@ async def test_meter_publish_read(profile, resolution_kw):
     assert readings["p_l1_kw"].value == pytest.approx(123.4567 / 3, abs=resolution_kw)
 
 
+async def test_meter_derived_points_read():
+    """Currents, power factor and apparent power follow the published power, over Modbus."""
+    meter = MeterDevice("m", load_profile("meter-3ph"))
+    await meter.start()
+    link, poller = await driver_for(meter)
+    try:
+        meter.publish(-849.0, 1.0)  # export: the magnitudes are the same
+        readings = await poller.poll_once()
+    finally:
+        await link.close()
+        await meter.stop()
+    pf = MeterDevice.POWER_FACTOR
+    phase_a = 849_000.0 / 3 / (230.0 * pf)
+    assert readings["i_l1_a"].value == pytest.approx(phase_a, rel=1e-6)
+    assert readings["i_sum_a"].value == pytest.approx(3 * phase_a, rel=1e-6)
+    assert readings["pf"].value == pytest.approx(pf, rel=1e-6)
+    assert readings["s_kva"].value == pytest.approx(849.0 / pf, abs=1e-3)
+    assert readings["q_kvar"].value == pytest.approx(849.0 / pf * (1 - pf**2) ** 0.5, abs=1e-3)
+    assert readings["v_l1_l2_v"].value == pytest.approx(230.0 * 3**0.5, rel=1e-6)
+    assert readings["f_hz"].value == pytest.approx(50.0)
+
+
 async def test_meter_energy_integrates():
     """Import energy is the integral of the published power: 360 kW for 10 s is 1 kWh."""
     meter = MeterDevice("m", load_profile("meter-3ph"))
