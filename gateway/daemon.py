@@ -390,8 +390,8 @@ class Daemon:
             await asyncio.sleep(SUPERVISE_PERIOD_S / 2)
         # Two input cycles, so the loop's first snapshot contains every device.
         await asyncio.sleep(2 * INPUT_PERIOD_S)
-        # On a thread: locking the memory takes a few hundred ms, during which the pollers and
-        # the input cycle must go on, or the first ticks find stale inputs and latch faults.
+        # On a thread: locking the memory can take a few hundred ms on a loaded machine. The
+        # pollers and the input cycle must go on meanwhile, or the first ticks latch faults.
         await asyncio.to_thread(self.loop.start)
 
     async def _supervise(self) -> None:

@@ -124,7 +124,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     from gateway.daemon import Daemon  # noqa: PLC0415 - keeps the client commands light
 
     # Every thread's stack is resident once the fast loop locks the memory (mlockall with
-    # MCL_FUTURE); Linux's default of 8 MiB per thread would cost tens of MiB for nothing.
+    # MCL_FUTURE). glibc's default is the stack rlimit, 8 MiB here, so tens of MiB for nothing.
     threading.stack_size(THREAD_STACK_BYTES)
 
     try:
@@ -247,8 +247,8 @@ def _fault_line(fault: dict[str, Any]) -> str:
         "%Y-%m-%d %H:%M:%SZ"
     )
     if fault["cleared_utc"] is None and fault["source"] not in (None, "site"):
-        # A unit's fault bits are latched in the fast loop; whether the cause persists is
-        # not tracked per unit, so the fault clears at the reset.
+        # The fast loop latches a unit's fault bits and does not track whether the cause
+        # persists. Such a fault therefore clears at the reset.
         state = "latched until reset"
     elif fault["cleared_utc"] is None:
         state = "cause present"
