@@ -412,7 +412,7 @@ static PyObject *Kernel_start(KernelObject *k, PyObject *args, PyObject *kwds)
     k->affinity_errno = 0;
     int mlock_errno = 0;
     if (lock_memory) {
-        /* mlockall faults in every mapped page, which takes a few hundred ms in a process
+        /* mlockall faults in every mapped page, tens to hundreds of ms in a process
            with numpy loaded; other Python threads (the daemon's pollers) keep running. */
         int locked;
         Py_BEGIN_ALLOW_THREADS
