@@ -179,7 +179,7 @@ async def _serve_bms(options: ServeOptions, ready: Ready, stop: asyncio.Event) -
         f"BMS simulator (Pylontech frames every {string.period_s:g} s, one of "
         f"{scenario.pcs.units} strings, {scenario.battery.cells_in_series} LFP cells) on {url}; "
         f"the built-in bms-pylontech profile fits 48 V packs, so give the gateway "
-        f"profile = \"{profile_out}\", written for this pack"
+        f'profile = "{profile_out}", written for this pack'
     )
     try:
         await _run_plant(plant, send, stop)

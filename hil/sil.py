@@ -40,7 +40,7 @@ BMS_PERIOD_S = 1.0
 INPUT_PERIOD_S = 0.01
 #: How long the HIL rig keeps the traces' first values while the daemon starts, before run
 #: time 0 (READY and the switch to running took 5.3 s in one `make demo`). The daemon's
-#: predictor sees that flat stretch first, so the replay feeds it the same.
+#: predictor receives that flat stretch first, so the replay feeds it the same.
 WARMUP_HOLD_S = 5.0
 
 

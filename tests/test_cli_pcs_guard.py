@@ -302,7 +302,7 @@ def test_zero_limits_clamp_target(tmp_path, capsys):
 
 def test_other_writer_stops_test(tmp_path, capsys):
     # Another controller writes its own setpoint every 20 ms from the hold on: the test must
-    # stop writing instead of fighting it (no ramp, no disable), and say so.
+    # stop writing instead of fighting it (no ramp, no disable), and report it.
     with ServerThread() as sim:
         config = write_config(tmp_path, sim.port, "unused")
         done = threading.Event()

@@ -60,7 +60,7 @@ def test_predictor_warms_up_within_three_periods():
 
 
 def test_predictor_warms_up_after_a_flat_start():
-    # The HIL rig holds the load flat while the daemon starts; the swings that
+    # The HIL rig keeps the load flat while the daemon starts; the swings that
     # follow must still be found well before the window has forgotten the flat part.
     t = np.arange(0, 12, DT_S)
     x = square_wave(t, 1.5, 300.0, 800.0)

@@ -314,16 +314,15 @@ class StepTest:
             await self.hold()
         if self.other_master:
             return False
-        if self.interrupted:
-            if not self.stop_reason:
-                print("interrupted: ramping to 0 kW", flush=True)
+        aborted = self.interrupted
+        if aborted and not self.stop_reason:
+            print("interrupted: ramping to 0 kW", flush=True)
+        if aborted:
             await self.ramp("abort", 0.0, self.plan.abort_ramp_kw_per_s)
-            if not self.other_master:
-                await self.print_line("end")
-            return False
-        await self.ramp("ramp down", 0.0, self.plan.ramp_kw_per_s)
+        else:
+            await self.ramp("ramp down", 0.0, self.plan.ramp_kw_per_s)
         if self.other_master:
-            return False
+            return False  # it appeared during the ramp down: the PCS is left to it
         await self.print_line("end")
         return not self.interrupted
 
@@ -475,6 +474,8 @@ def run_set(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
 
+    if not (math.isfinite(args.bms_wait) and args.bms_wait > 0):
+        raise CliError(f"--bms-wait {args.bms_wait:g} is invalid: give seconds > 0", EXIT_USAGE)
     reject_if_daemon_running(config, args.config)
     if args.without_bms:
         print(
@@ -484,8 +485,6 @@ def run_set(args: argparse.Namespace) -> int:
             flush=True,
         )
         return _run_step(config, device, plan, None, args.config)
-    if not (math.isfinite(args.bms_wait) and args.bms_wait > 0):
-        raise CliError(f"--bms-wait {args.bms_wait:g} is invalid: give seconds > 0", EXIT_USAGE)
     with BmsGuard(config, device, args.config) as guard:
         snapshot = guard.wait_online(args.bms_wait)
         guard.check_request(plan.p_kw, snapshot)

@@ -9,9 +9,9 @@ daemon's fast loop enforces:
 - the battery's BMS (the one the daemon pairs with this PCS) must be online
   before the first write, and the requested power must fit its charge or
   discharge limit and the configured hard SoC band;
-- during the test the BMS is checked every cycle: a limit that falls below
-  the target clamps it at once, and a BMS that goes silent or leaves the
-  SoC band ends the test with a ramp to 0 kW.
+- during the test the BMS is checked every cycle. A limit that falls below
+  the target clamps it at once. A BMS that goes silent or leaves the SoC
+  band ends the test with a ramp to 0 kW.
 
 ``--without-bms`` skips the BMS checks, for commissioning a PCS before its
 battery's CAN link works; the test then says so on every run.

@@ -282,26 +282,13 @@ class Store:
         """Mark that the fault's cause has gone; False when it was already cleared or unknown."""
         t = _now(t_utc)
         with _Transaction(self.db):
-            changed = self.db.execute(
-                "UPDATE faults SET cleared_utc = ? WHERE id = ? AND cleared_utc IS NULL",
-                (t, fault_id),
-            ).rowcount
-            if changed:
-                self._fault_event(fault_id, "fault_cleared", "info", t, None)
-        return bool(changed)
+            return self._clear(fault_id, t)
 
     def reset_fault(self, fault_id: int, operator: str, *, t_utc: float | None = None) -> bool:
         """Record an operator's reset of a latched fault; False when there was nothing to reset."""
         t = _now(t_utc)
         with _Transaction(self.db):
-            changed = self.db.execute(
-                "UPDATE faults SET reset_utc = ?, reset_by = ? "
-                "WHERE id = ? AND latched = 1 AND reset_utc IS NULL",
-                (t, operator, fault_id),
-            ).rowcount
-            if changed:
-                self._fault_event(fault_id, "fault_reset", "info", t, operator)
-        return bool(changed)
+            return self._reset(fault_id, operator, t)
 
     def close_previous_run_faults(self, *, t_utc: float | None = None) -> list[int]:
         """Clear and reset every fault still active from an earlier process; return their ids.
@@ -320,20 +307,30 @@ class Store:
                 ).fetchall()
             ]
             for fault_id in ids:
-                cleared = self.db.execute(
-                    "UPDATE faults SET cleared_utc = ? WHERE id = ? AND cleared_utc IS NULL",
-                    (t, fault_id),
-                ).rowcount
-                if cleared:
-                    self._fault_event(fault_id, "fault_cleared", "info", t, None)
-                reset = self.db.execute(
-                    "UPDATE faults SET reset_utc = ?, reset_by = 'restart' "
-                    "WHERE id = ? AND latched = 1 AND reset_utc IS NULL",
-                    (t, fault_id),
-                ).rowcount
-                if reset:
-                    self._fault_event(fault_id, "fault_reset", "info", t, "restart")
+                self._clear(fault_id, t)
+                self._reset(fault_id, "restart", t)
         return ids
+
+    def _clear(self, fault_id: int, t: float) -> bool:
+        """Set the fault's cleared time and add its event, inside the caller's transaction."""
+        changed = self.db.execute(
+            "UPDATE faults SET cleared_utc = ? WHERE id = ? AND cleared_utc IS NULL",
+            (t, fault_id),
+        ).rowcount
+        if changed:
+            self._fault_event(fault_id, "fault_cleared", "info", t, None)
+        return bool(changed)
+
+    def _reset(self, fault_id: int, operator: str, t: float) -> bool:
+        """Record the reset of a latched fault and its event, inside the caller's transaction."""
+        changed = self.db.execute(
+            "UPDATE faults SET reset_utc = ?, reset_by = ? "
+            "WHERE id = ? AND latched = 1 AND reset_utc IS NULL",
+            (t, operator, fault_id),
+        ).rowcount
+        if changed:
+            self._fault_event(fault_id, "fault_reset", "info", t, operator)
+        return bool(changed)
 
     def _fault_event(
         self, fault_id: int, kind: str, severity: str, t: float, operator: str | None
