@@ -82,7 +82,6 @@ class PlantIO:
         self.links: dict[str, ModbusLink] = {}
         self.devices: dict[str, ModbusDevice] = {}
         self.bms: dict[str, BmsString] = {}
-        self.can_readers: list[CanReader] = []
         #: Each CAN reader with the BMS strings whose frames it carries.
         self._can_strings: list[tuple[CanReader, list[BmsString]]] = []
         self.pcs: list[Device] = [d for d in config.devices if d.role == "pcs"]
@@ -153,16 +152,14 @@ class PlantIO:
 
             reader = CanReader(links[key], sink)
             reader.start()
-            self.can_readers.append(reader)
             self._can_strings.append((reader, strings))
 
     async def stop(self) -> None:
         await _cancel([*self._writer_tasks, *self._tasks])
         self._writer_tasks = []
         self._tasks = []
-        for reader in self.can_readers:
+        for reader, _ in self._can_strings:
             await asyncio.to_thread(reader.stop)
-        self.can_readers = []
         self._can_strings = []
         for link in self.links.values():
             with contextlib.suppress(Exception):
